@@ -1,0 +1,106 @@
+"""What kbit supports, in one table that both kernel dispatch and error messages read.
+
+A GPU layer runs one of several kernel tiers chosen by M (tokens in the batch) and the GPU
+architecture; the choice happens inside the ``torch.ops.kbit.gemm`` op (never in traced Python).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_kbit.format import BLOCK_SIZE, SUPPORTED_BITS
+
+MIN_CUDA_CAPABILITY = 80  # sm_80: mma.sync m16n8k16 with bf16, cp.async
+GPU_ACT_DTYPES = (torch.float16, torch.bfloat16)
+CPU_ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Input features per tensor-parallel rank must be whole blocks.
+K_ALIGN = BLOCK_SIZE
+# Output features per rank: the GPU kernel layout tiles rows in groups of N_ALIGN.
+N_ALIGN = BLOCK_SIZE
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One GPU kernel tier: runs for min_m <= M <= max_m on GPUs of capability >= min_capability."""
+
+    name: str
+    min_m: int
+    max_m: int
+    min_capability: int
+    what: str
+
+
+GPU_TIERS = (
+    Tier("gemv", 1, 4, 80, "GEMV, dequantized in registers"),
+    Tier("mma", 5, 16, 80, "fused dequant + tensor-core MMA"),
+    Tier("dequant_cublas", 17, 1 << 62, 80, "dequantize + cuBLAS"),
+)
+CPU_TIER = Tier("cpu_dequant_matmul", 1, 1 << 62, 0, "dequantize + torch matmul (CPU)")
+
+
+def available_tiers(capability: int, compiled: frozenset[str]) -> tuple[Tier, ...]:
+    """Tiers usable on a GPU of this capability, given the kernel entry points compiled into _C.
+
+    dequant_cublas is the fallback that covers every M; a faster tier takes over its M range only
+    when its kernel exists. Returns tiers sorted by min_m, together covering every M >= 1.
+    """
+    fallback = next(t for t in GPU_TIERS if t.name == "dequant_cublas")
+    usable = [t for t in GPU_TIERS if t is not fallback and t.name in compiled
+              and capability >= t.min_capability]
+    if not usable:
+        return (Tier(fallback.name, 1, fallback.max_m, fallback.min_capability, fallback.what),)
+    tiers, next_m = [], 1
+    for tier in sorted(usable, key=lambda t: t.min_m):
+        if tier.min_m > next_m:  # gap before this tier: the fallback covers it
+            tiers.append(Tier(fallback.name, next_m, tier.min_m - 1, fallback.min_capability, fallback.what))
+        tiers.append(tier)
+        next_m = tier.max_m + 1
+    tiers.append(Tier(fallback.name, next_m, fallback.max_m, fallback.min_capability, fallback.what))
+    return tuple(tiers)
+
+
+def describe_tiers(tiers: tuple[Tier, ...]) -> str:
+    parts = []
+    for t in tiers:
+        upper = "" if t.max_m >= 1 << 40 else f"{t.max_m}"
+        span = f"M={t.min_m}" if t.min_m == t.max_m else f"M={t.min_m}..{upper}"
+        parts.append(f"{span}: {t.name}")
+    return ", ".join(parts)
+
+
+def check_gpu_capability(capability: int, device_name: str) -> None:
+    if capability < MIN_CUDA_CAPABILITY:
+        raise RuntimeError(
+            f"kbit needs a GPU of compute capability >= {MIN_CUDA_CAPABILITY // 10}.{MIN_CUDA_CAPABILITY % 10} "
+            f"(Ampere or newer); {device_name} is {capability // 10}.{capability % 10}. "
+            "Serve this model on a newer GPU or use another quantization."
+        )
+
+
+def check_act_dtype(dtype: torch.dtype, on_gpu: bool) -> None:
+    allowed = GPU_ACT_DTYPES if on_gpu else CPU_ACT_DTYPES
+    if dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise ValueError(f"kbit on {'GPU' if on_gpu else 'CPU'} supports activation dtypes {names}; "
+                         f"got {dtype}. Pass --dtype bfloat16 or --dtype float16.")
+
+
+def check_partition(in_features: int, out_features: int, layer: str, tp_size: int) -> None:
+    """Per-rank shape checks, with the fix in the message."""
+    problems = []
+    if in_features % K_ALIGN:
+        problems.append(f"input size per rank {in_features} is not a multiple of {K_ALIGN}")
+    if out_features % N_ALIGN:
+        problems.append(f"output size per rank {out_features} is not a multiple of {N_ALIGN}")
+    if problems:
+        raise ValueError(
+            f"kbit cannot quantize {layer} at tensor-parallel size {tp_size}: {'; '.join(problems)}. "
+            "Use a tensor-parallel size that divides it into such pieces, or leave this module "
+            "unquantized (kbit-quantize --skip REGEX / quantization_config.modules_to_not_convert)."
+        )
+
+
+__all__ = ["SUPPORTED_BITS", "GPU_TIERS", "CPU_TIER", "Tier", "available_tiers", "describe_tiers",
+           "check_gpu_capability", "check_act_dtype", "check_partition", "MIN_CUDA_CAPABILITY"]

@@ -1,0 +1,205 @@
+"""The kbit weight format: the one Python home of codebook, E4M4, bit-planes and kernel layouts.
+
+``kernels/kbit_format.cuh`` mirrors every constant and bit layout defined here; change both together.
+
+On disk, a linear weight ``W [N, K]`` (N output rows, K input features, K a multiple of 32) is:
+
+* ``qweight`` int32 ``[N, K/32 * k]`` -- for every block of 32 consecutive weights along K, k words
+  (bit-planes): bit ``j`` of plane ``b`` is bit ``b`` of the codebook index of weight ``j``.
+  Word ``[n, kb * k + b]`` is plane ``b`` of block ``kb`` of row ``n``.
+* ``qweight_absmax`` uint8 ``[N, K/32]`` -- each block's absmax, relative to the row scale, as E4M4.
+* ``weight_scale`` float32 ``[N]`` -- per output row; ``row max absmax / 31`` so every block of the row
+  fits E4M4's range without saturating.
+
+A weight decodes as ``codebook[idx] * e4m4_decode(absmax) * weight_scale[n]``: k + 0.25 bits per weight
+plus 4 bytes per row.
+
+Codebook: the 2^k expected values of N(0, 1) over 2^k equal-probability bins, divided by the largest
+magnitude (so it spans [-1, 1]) and sorted ascending.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_SIZE = 32
+SUPPORTED_BITS = (2, 3, 4, 5)
+
+# E4M4: 4-bit exponent, 4-bit mantissa, exponent bias 11, subnormals at exponent 0, no inf/NaN.
+E4M4_BIAS = 11
+E4M4_MAX = 2.0 ** (15 - E4M4_BIAS) * (1 + 15 / 16)  # 31.0
+E4M4_MIN_NORMAL = 2.0 ** (1 - E4M4_BIAS)  # 2^-10
+E4M4_MIN_SUBNORMAL = E4M4_MIN_NORMAL / 16  # 2^-14 ~= 6.1e-5
+
+
+class KbitFormatError(ValueError):
+    """A tensor or setting that the kbit format cannot represent."""
+
+
+def check_bits(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise KbitFormatError(
+            f"kbit supports bits in {SUPPORTED_BITS}, got {bits!r}; pass one of them "
+            "(e.g. --bits 4 or quantization_config.bits = 4)"
+        )
+    return int(bits)
+
+
+def check_in_features(in_features: int, what: str = "weight") -> None:
+    if in_features % BLOCK_SIZE:
+        raise KbitFormatError(
+            f"{what}: input size {in_features} is not a multiple of the kbit block size {BLOCK_SIZE}; "
+            "skip this module (kbit-quantize --skip REGEX, or quantization_config.modules_to_not_convert)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Codebook
+# ---------------------------------------------------------------------------------------------------
+
+
+def normal_float_codebook(bits: int) -> torch.Tensor:
+    """float32 [2^bits]: E[Z | Z in bin i] for 2^bits equal-probability bins of N(0,1), scaled to [-1, 1]."""
+    n = 1 << check_bits(bits)
+    # Bin edges at the i/n quantiles; E[Z | a < Z < b] = (pdf(a) - pdf(b)) / (1/n).
+    probs = torch.arange(1, n, dtype=torch.float64) / n
+    inner = torch.special.ndtri(probs)
+    edges = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), inner,
+                       torch.tensor([math.inf], dtype=torch.float64)])
+    pdf = torch.exp(-0.5 * edges.square()) / math.sqrt(2 * math.pi)
+    pdf = torch.nan_to_num(pdf, nan=0.0)  # pdf(+-inf) = 0
+    means = (pdf[:-1] - pdf[1:]) * n
+    return (means / means.abs().max()).to(torch.float32)
+
+
+def codebook_from_config(bits: int, codebook: list[float] | None) -> torch.Tensor:
+    """The codebook a checkpoint names (validated), or the default normal-float one."""
+    if codebook is None:
+        return normal_float_codebook(bits)
+    cb = torch.tensor(codebook, dtype=torch.float32)
+    if cb.shape != (1 << bits,) or not torch.isfinite(cb).all() or cb.abs().max() > 1.0:
+        raise KbitFormatError(
+            f"codebook for bits={bits} must hold {1 << bits} finite values in [-1, 1]; got {list(codebook)}"
+        )
+    return cb
+
+
+# ---------------------------------------------------------------------------------------------------
+# E4M4 absmax
+# ---------------------------------------------------------------------------------------------------
+
+
+def e4m4_table() -> torch.Tensor:
+    """float32 [256]: the value of every E4M4 code; increasing with the code."""
+    code = torch.arange(256)
+    exp, man = code >> 4, (code & 15).to(torch.float64)
+    normal = torch.ldexp(1 + man / 16, exp - E4M4_BIAS)
+    subnormal = torch.ldexp(man / 16, torch.full_like(exp, 1 - E4M4_BIAS))
+    return torch.where(exp > 0, normal, subnormal).to(torch.float32)
+
+
+def e4m4_decode(codes: torch.Tensor) -> torch.Tensor:
+    return e4m4_table().to(codes.device)[codes.long()]
+
+
+def e4m4_encode(values: torch.Tensor) -> torch.Tensor:
+    """Round non-negative values to the nearest E4M4 code (ties go to the larger code). uint8."""
+    if (values < 0).any() or not torch.isfinite(values).all():
+        raise KbitFormatError("E4M4 encodes finite non-negative values only")
+    if (values > E4M4_MAX).any():
+        raise KbitFormatError(f"value {values.max().item():.6g} exceeds the E4M4 maximum {E4M4_MAX}")
+    table = e4m4_table().to(values.device, torch.float64)
+    midpoints = (table[1:] + table[:-1]) / 2
+    return torch.bucketize(values.to(torch.float64), midpoints, right=True).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bit-planes
+# ---------------------------------------------------------------------------------------------------
+
+
+def pack_bitplanes(indices: torch.Tensor, bits: int) -> torch.Tensor:
+    """indices [..., nblocks, 32] (values < 2^bits) -> int32 [..., nblocks * bits] bit-planes."""
+    shifts = torch.arange(BLOCK_SIZE, device=indices.device, dtype=torch.int64)
+    planes = [(((indices.to(torch.int64) >> b) & 1) << shifts).sum(-1) for b in range(bits)]
+    words = torch.stack(planes, dim=-1)  # [..., nblocks, bits], values in [0, 2^32)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.flatten(-2)
+
+
+def unpack_bitplanes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [..., nblocks * bits] -> uint8 indices [..., nblocks * 32]."""
+    words = qweight.reshape(*qweight.shape[:-1], -1, bits).to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(BLOCK_SIZE, device=qweight.device, dtype=torch.int64)
+    bitsets = (words.unsqueeze(-1) >> shifts) & 1  # [..., nblocks, bits, 32]
+    weights = (1 << torch.arange(bits, device=qweight.device, dtype=torch.int64)).view(bits, 1)
+    idx = (bitsets * weights).sum(-2)  # [..., nblocks, 32]
+    return idx.to(torch.uint8).flatten(-2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantize / dequantize (reference, any device)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KbitTensor:
+    """One quantized weight in the on-disk layout (see module docstring)."""
+
+    qweight: torch.Tensor  # int32 [..., N, K/32*bits]
+    absmax: torch.Tensor  # uint8 [..., N, K/32]
+    scale: torch.Tensor  # float32 [..., N]
+    bits: int
+
+    @property
+    def in_features(self) -> int:
+        return self.absmax.shape[-1] * BLOCK_SIZE
+
+
+def quantize(weight: torch.Tensor, bits: int, codebook: torch.Tensor | None = None) -> KbitTensor:
+    """Quantize ``weight [..., N, K]`` (leading dims e.g. experts) along K to the on-disk layout."""
+    check_bits(bits)
+    *lead, n, k = weight.shape
+    check_in_features(k)
+    if not torch.isfinite(weight).all():
+        raise KbitFormatError("weight holds inf or NaN values; kbit cannot quantize it")
+    cb = (normal_float_codebook(bits) if codebook is None else codebook).to(weight.device, torch.float32)
+    rows = weight.reshape(-1, k)
+    # Row chunks bound the float32/int64 temporaries to a few times QUANTIZE_CHUNK elements.
+    step = max(1, QUANTIZE_CHUNK // k)
+    parts = [_quantize_rows(rows[i:i + step], bits, cb) for i in range(0, rows.shape[0], step)]
+    qweight, absmax, scale = (torch.cat(p).reshape(*lead, n, -1) for p in zip(*parts))
+    return KbitTensor(qweight, absmax, scale.reshape(*lead, n), bits)
+
+
+QUANTIZE_CHUNK = 1 << 22
+
+
+def _quantize_rows(rows: torch.Tensor, bits: int, cb: torch.Tensor):
+    w = rows.float().reshape(rows.shape[0], -1, BLOCK_SIZE)
+    block_max = w.abs().amax(-1)
+    row_max = block_max.amax(-1)
+    scale = torch.where(row_max > 0, row_max / E4M4_MAX, torch.ones_like(row_max))
+    absmax = e4m4_encode((block_max / scale.unsqueeze(-1)).clamp(max=E4M4_MAX))
+    block_scale = e4m4_decode(absmax) * scale.unsqueeze(-1)
+    normalized = w / torch.where(block_scale > 0, block_scale, torch.ones_like(block_scale)).unsqueeze(-1)
+    idx = torch.bucketize(normalized.contiguous(), (cb[1:] + cb[:-1]) / 2)
+    return pack_bitplanes(idx, bits), absmax, scale.unsqueeze(-1)
+
+
+def dequantize(t: KbitTensor, codebook: torch.Tensor | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Reference decode of the on-disk layout to ``[..., N, K]``, computed in float32."""
+    cb = (normal_float_codebook(t.bits) if codebook is None else codebook).to(t.qweight.device, torch.float32)
+    idx = unpack_bitplanes(t.qweight, t.bits)
+    values = cb[idx.long()].reshape(*t.absmax.shape, BLOCK_SIZE)
+    block_scale = e4m4_decode(t.absmax) * t.scale.float().unsqueeze(-1)
+    return (values * block_scale.unsqueeze(-1)).flatten(-2).to(dtype)
+
+
+def packed_bytes(n: int, k: int, bits: int) -> int:
+    """Bytes a [n, k] weight takes in the kbit format (planes + absmax + row scales)."""
+    return n * k * bits // 8 + n * k // BLOCK_SIZE + 4 * n
