@@ -217,9 +217,10 @@ def _check_all_loaded(layer: torch.nn.Module, names: tuple[str, ...], prefix: st
     for name in names:
         got = record.get(name, set())
         if None not in got and not expected <= got:
-            missing = sorted(map(str, expected - got))
+            missing = sorted(map(str, expected - got - {None}))
+            which = f" (missing shards: {', '.join(missing)})" if missing else ""
             raise RuntimeError(
-                f"kbit: {prefix}.{name} was never loaded (missing shards: {', '.join(missing)}). "
+                f"kbit: {prefix}.{name} was never loaded{which}. "
                 "The checkpoint is incomplete or was not written by kbit-quantize; re-quantize it."
             )
 
