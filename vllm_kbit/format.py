@@ -203,3 +203,99 @@ def dequantize(t: KbitTensor, codebook: torch.Tensor | None = None,
 def packed_bytes(n: int, k: int, bits: int) -> int:
     """Bytes a [n, k] weight takes in the kbit format (planes + absmax + row scales)."""
     return n * k * bits // 8 + n * k // BLOCK_SIZE + 4 * n
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernel layout
+# ---------------------------------------------------------------------------------------------------
+# The CUDA kernels (kernels/, constants mirrored in kernels/kbit_format.cuh) read a copy re-packed once at
+# load time. The weight is cut into tiles of KERNEL_TILE_ROWS rows x KERNEL_TILE_K inputs (4 blocks); in the
+# GEMV one lane of a warp owns one row of a tile, so a tile is what a warp reads in one step:
+#
+# * qweight_tiled int32 [..., N/32, G, bits, 32, 4] with G = ceil(K/128): tile (rowtile, g), then ``bits``
+#   16-byte vectors per row, stored vector-major so that vector ``v`` of all 32 rows is 512 contiguous bytes
+#   (one coalesced 16-byte load per lane). The 4*bits words of one row form a little-endian bit stream of
+#   that row's 128 codebook indices in K order: index ``i`` sits at stream bits [bits*i, bits*i + bits),
+#   stream word ``j`` is stored at [..., v = j // 4, row, j % 4]. So the two indices of weights 2p and 2p+1
+#   are one contiguous 2*bits-bit field: the kernel turns it into a lookup-table offset with a shift and a
+#   mask instead of gathering one bit per bit-plane.
+# * absmax_tiled uint8 [..., N/32, G, 32, 4]: the E4M4 codes of the row's 4 blocks in the tile (one 32-bit
+#   load per lane).
+#
+# K is padded to a multiple of 128 with index 0 and absmax code 0 (E4M4 0.0), so padding contributes 0.
+
+KERNEL_TILE_ROWS = 32
+KERNEL_TILE_K = 128
+KERNEL_TILE_BLOCKS = KERNEL_TILE_K // BLOCK_SIZE
+
+
+def kernel_k_groups(in_features: int) -> int:
+    """G: the number of KERNEL_TILE_K-wide column tiles (K padded up to a multiple of KERNEL_TILE_K)."""
+    return -(-in_features // KERNEL_TILE_K)
+
+
+def _kernel_row_chunk(groups: int, bits: int) -> int:
+    # rows converted at a time: bounds the int64 bit tensors to ~64 MiB whatever the weight size
+    return max(KERNEL_TILE_ROWS, (2**23 // (groups * KERNEL_TILE_K * bits)) // KERNEL_TILE_ROWS * KERNEL_TILE_ROWS)
+
+
+def to_kernel_layout(t: KbitTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The on-disk ``t`` re-packed into the kernel layout: (qweight_tiled int32, absmax_tiled uint8).
+
+    Runs on t's device (CPU or GPU); the row scale and the codebook are used unchanged.
+    """
+    bits = check_bits(t.bits)
+    *lead, n, nblocks = t.absmax.shape
+    if n % KERNEL_TILE_ROWS:
+        raise KbitFormatError(
+            f"the kbit kernels need the output size to be a multiple of {KERNEL_TILE_ROWS}, got {n}")
+    groups = kernel_k_groups(nblocks * BLOCK_SIZE)
+    qweight = t.qweight.reshape(-1, nblocks * bits)
+    absmax = t.absmax.reshape(-1, nblocks)
+    rows = qweight.shape[0]
+    dev = qweight.device
+    stream_bits = torch.arange(bits, device=dev, dtype=torch.int64)
+    word_bits = torch.arange(32, device=dev, dtype=torch.int64)
+    tiled = torch.empty(rows, groups, 4 * bits, dtype=torch.int32, device=dev)
+    step = _kernel_row_chunk(groups, bits)
+    for r0 in range(0, rows, step):
+        idx = unpack_bitplanes(qweight[r0:r0 + step], bits).to(torch.int64)
+        idx = torch.nn.functional.pad(idx, (0, groups * KERNEL_TILE_K - idx.shape[-1]))
+        stream = (idx.view(-1, groups, KERNEL_TILE_K, 1) >> stream_bits) & 1  # [r, G, 128, bits]
+        stream = stream.view(-1, groups, 4 * bits, 32)
+        words = (stream << word_bits).sum(-1)  # [r, G, 4*bits] in [0, 2^32)
+        tiled[r0:r0 + step] = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    qweight_tiled = (tiled.view(-1, KERNEL_TILE_ROWS, groups, bits, 4).permute(0, 2, 3, 1, 4)
+                     .reshape(*lead, n // KERNEL_TILE_ROWS, groups, bits, KERNEL_TILE_ROWS, 4).contiguous())
+    absmax = torch.nn.functional.pad(absmax, (0, groups * KERNEL_TILE_BLOCKS - nblocks))
+    absmax_tiled = (absmax.view(-1, KERNEL_TILE_ROWS, groups, KERNEL_TILE_BLOCKS).permute(0, 2, 1, 3)
+                    .reshape(*lead, n // KERNEL_TILE_ROWS, groups, KERNEL_TILE_ROWS, KERNEL_TILE_BLOCKS)
+                    .contiguous())
+    return qweight_tiled, absmax_tiled
+
+
+def from_kernel_layout(qweight_tiled: torch.Tensor, absmax_tiled: torch.Tensor, scale: torch.Tensor,
+                       bits: int, in_features: int) -> KbitTensor:
+    """Inverse of ``to_kernel_layout``: back to the on-disk layout (drops the K padding)."""
+    bits = check_bits(bits)
+    check_in_features(in_features)
+    *lead, rowtiles, groups, _, _, _ = qweight_tiled.shape
+    n = rowtiles * KERNEL_TILE_ROWS
+    nblocks = in_features // BLOCK_SIZE
+    dev = qweight_tiled.device
+    words = (qweight_tiled.reshape(-1, groups, bits, KERNEL_TILE_ROWS, 4).permute(0, 3, 1, 2, 4)
+             .reshape(-1, groups, 4 * bits))
+    stream_bits = torch.arange(bits, device=dev, dtype=torch.int64)
+    word_bits = torch.arange(32, device=dev, dtype=torch.int64)
+    rows = words.shape[0]
+    qweight = torch.empty(rows, nblocks * bits, dtype=torch.int32, device=dev)
+    step = _kernel_row_chunk(groups, bits)
+    for r0 in range(0, rows, step):
+        chunk = words[r0:r0 + step].to(torch.int64) & 0xFFFFFFFF
+        stream = ((chunk.unsqueeze(-1) >> word_bits) & 1).view(-1, groups * KERNEL_TILE_K, bits)
+        idx = (stream << stream_bits).sum(-1)[:, :in_features]
+        qweight[r0:r0 + step] = pack_bitplanes(idx.view(-1, nblocks, BLOCK_SIZE), bits)
+    absmax = (absmax_tiled.reshape(-1, groups, KERNEL_TILE_ROWS, KERNEL_TILE_BLOCKS).permute(0, 2, 1, 3)
+              .reshape(-1, groups * KERNEL_TILE_BLOCKS)[:, :nblocks])
+    return KbitTensor(qweight.reshape(*lead, n, nblocks * bits), absmax.reshape(*lead, n, nblocks).contiguous(),
+                      scale, bits)

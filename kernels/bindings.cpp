@@ -1,0 +1,110 @@
+// vllm_kbit._C: the kbit kernels behind a torch-free Python interface. Tensors come in as raw device pointers
+// (Python ints, e.g. tensor.data_ptr()), the CUDA stream as an int (torch.cuda.current_stream().cuda_stream), the
+// activation dtype as a code (0 = fp16, 1 = bf16), so one build serves any torch version. qweight / absmax are in
+// the kernel layout (vllm_kbit.format.to_kernel_layout). Arguments are validated here; invalid ones raise
+// ValueError, CUDA failures RuntimeError. No call synchronizes or allocates, so all can be captured in CUDA graphs.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "kbit_ops.h"
+
+namespace py = pybind11;
+
+namespace {
+
+using kbit::DType;
+
+[[noreturn]] void fail(const std::string& fn, const std::string& what) {
+    throw std::invalid_argument("vllm_kbit._C." + fn + ": " + what);
+}
+
+void check_pointer(const std::string& fn, const char* name, uintptr_t ptr, uintptr_t alignment) {
+    if (ptr == 0) fail(fn, std::string(name) + " is a null pointer");
+    if (ptr % alignment) {
+        fail(fn, std::string(name) + " must be " + std::to_string(alignment) + "-byte aligned (got address " +
+                     std::to_string(ptr) + "); pass a contiguous tensor that is not an offset view");
+    }
+}
+
+DType check_dtype(const std::string& fn, int dtype) {
+    if (dtype != 0 && dtype != 1) fail(fn, "dtype must be 0 (float16) or 1 (bfloat16), got " + std::to_string(dtype));
+    return static_cast<DType>(dtype);
+}
+
+kbit::KernelWeight check_weight(const std::string& fn, uintptr_t qweight, uintptr_t absmax, uintptr_t scale,
+                                uintptr_t codebook, int64_t n, int64_t k, int bits) {
+    if (bits < 2 || bits > 5) fail(fn, "bits must be 2, 3, 4 or 5, got " + std::to_string(bits));
+    if (n <= 0 || n % 32) fail(fn, "N (out_features) must be a positive multiple of 32, got " + std::to_string(n));
+    if (k <= 0 || k % 32) fail(fn, "K (in_features) must be a positive multiple of 32, got " + std::to_string(k));
+    if (n > (int64_t{1} << 30) || k > (int64_t{1} << 24)) {
+        fail(fn, "N = " + std::to_string(n) + ", K = " + std::to_string(k) + " is larger than supported");
+    }
+    check_pointer(fn, "qweight", qweight, 16);
+    check_pointer(fn, "absmax", absmax, 4);
+    check_pointer(fn, "scale", scale, 4);
+    check_pointer(fn, "codebook", codebook, 4);
+    return {reinterpret_cast<const void*>(qweight), reinterpret_cast<const void*>(absmax),
+            reinterpret_cast<const float*>(scale), reinterpret_cast<const float*>(codebook),
+            static_cast<int>(n), static_cast<int>(k), bits};
+}
+
+// Makes the device that owns `ptr` current for this thread's (statically linked) CUDA runtime, which keeps its own
+// current device apart from torch's.
+void use_device_of(const std::string& fn, uintptr_t ptr) {
+    cudaPointerAttributes attr{};
+    kbit::check_cuda(cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr)),
+                     "cudaPointerGetAttributes");
+    if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) {
+        fail(fn, "out is not CUDA device memory");
+    }
+    int current = -1;
+    kbit::check_cuda(cudaGetDevice(&current), "cudaGetDevice");
+    if (current != attr.device) kbit::check_cuda(cudaSetDevice(attr.device), "cudaSetDevice");
+}
+
+cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+void dequantize(uintptr_t out, uintptr_t qweight, uintptr_t absmax, uintptr_t scale, uintptr_t codebook, int64_t n,
+                int64_t k, int bits, int dtype, uintptr_t stream) {
+    const std::string fn = "dequantize";
+    const kbit::KernelWeight w = check_weight(fn, qweight, absmax, scale, codebook, n, k, bits);
+    const DType dt = check_dtype(fn, dtype);
+    check_pointer(fn, "out", out, 16);
+    use_device_of(fn, out);
+    kbit::dequantize(reinterpret_cast<void*>(out), w, dt, as_stream(stream));
+}
+
+void gemv(uintptr_t out, uintptr_t x, uintptr_t qweight, uintptr_t absmax, uintptr_t scale, uintptr_t codebook,
+          int64_t m, int64_t n, int64_t k, int bits, int dtype, uintptr_t stream) {
+    const std::string fn = "gemv";
+    const kbit::KernelWeight w = check_weight(fn, qweight, absmax, scale, codebook, n, k, bits);
+    const DType dt = check_dtype(fn, dtype);
+    if (m < 1 || m > kbit::kGemvMaxM) {
+        fail(fn, "M (rows of x) must be in 1.." + std::to_string(kbit::kGemvMaxM) + ", got " + std::to_string(m));
+    }
+    check_pointer(fn, "x", x, 16);
+    check_pointer(fn, "out", out, 2);
+    use_device_of(fn, out);
+    kbit::gemv(reinterpret_cast<void*>(out), reinterpret_cast<const void*>(x), w, static_cast<int>(m), dt,
+               as_stream(stream));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, mod) {
+    mod.doc() = "kbit CUDA kernels (raw device pointers; see kernels/bindings.cpp)";
+    mod.attr("GEMV_MAX_M") = kbit::kGemvMaxM;
+    mod.def("dequantize", &dequantize,
+            "out [N, K] (dtype) = dense weight decoded from the kernel layout, equal to format.dequantize rounded "
+            "to dtype.",
+            py::arg("out"), py::arg("qweight"), py::arg("absmax"), py::arg("scale"), py::arg("codebook"),
+            py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("dtype"), py::arg("stream"));
+    mod.def("gemv", &gemv,
+            "out [M, N] = x [M, K] @ W^T for M in 1..4; x and out row-major contiguous of dtype, fp32 "
+            "accumulation.",
+            py::arg("out"), py::arg("x"), py::arg("qweight"), py::arg("absmax"), py::arg("scale"),
+            py::arg("codebook"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("dtype"),
+            py::arg("stream"));
+}
