@@ -41,7 +41,7 @@ def register() -> None:
         register_quantization_config,
     )
 
-    logger = init_logger(__name__)
+    logger = init_logger("vllm.kbit")  # under "vllm": vLLM configures its handlers
     warning = check_vllm_version(vllm.__version__)
     from vllm_kbit.config import KbitConfig
 

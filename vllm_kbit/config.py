@@ -38,7 +38,8 @@ from vllm.platforms import current_platform
 
 from vllm_kbit import capabilities, format as kfmt, ops
 
-logger = init_logger(__name__)
+# Under the "vllm" logger so that vLLM's logging configuration (handlers, level) applies.
+logger = init_logger("vllm.kbit")
 
 DEFAULT_BITS = 4
 FORMAT_VERSION = 1
