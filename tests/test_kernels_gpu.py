@@ -154,3 +154,28 @@ def test_invalid_arguments():
     with pytest.raises(ValueError, match="not CUDA device memory"):
         host = torch.empty(1, n, dtype=torch.float16)
         _C.gemv(host.data_ptr(), x.data_ptr(), *ptrs, 1, n, k, bits, 0, stream())
+
+
+@pytest.mark.parametrize("bits", kf.SUPPORTED_BITS)
+def test_quantize_on_gpu_equals_cpu(bits):
+    # Load-time quantization runs on the GPU, kbit-quantize on the CPU: both must write the same bits.
+    w = (torch.randn(256, 1024, dtype=torch.float32) * torch.rand(256, 1, dtype=torch.float32) * 3).bfloat16()
+    on_cpu, on_gpu = kf.quantize(w, bits), kf.quantize(w.cuda(), bits)
+    assert torch.equal(on_gpu.scale.cpu(), on_cpu.scale)
+    assert torch.equal(on_gpu.absmax.cpu(), on_cpu.absmax)
+    assert torch.equal(on_gpu.qweight.cpu(), on_cpu.qweight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 16, 17, 64])
+def test_op_every_tier(m, dtype):
+    # torch.ops.kbit.gemm picks the tier by M inside the op: every tier must give the reference result.
+    from vllm_kbit import ops
+
+    n, k, bits = 512, 2048, 3
+    t, codebook, qweight_tiled, absmax_tiled, reference = quantized(n, k, bits)
+    x = torch.randn(m, k, dtype=dtype, device="cuda")
+    out = torch.ops.kbit.gemm(x, qweight_tiled, absmax_tiled, t.scale, codebook, bits)
+    assert out.shape == (m, n) and out.dtype == dtype
+    print(f"M={m}: tier {ops.tier_name(0, m)}")
+    assert relative_error(out, x, reference) < TOLERANCE[dtype]

@@ -9,13 +9,17 @@ import os
 import shutil
 
 import pytest
+import torch
 from e2e import EngineFailed, run_engine, write_dequantized_twin
 from safetensors.torch import load_file, save_file
 
 from vllm_kbit.quantize_cli import main as kbit_quantize
 from vllm_kbit.random_checkpoint import LlamaShape, write_random_llama
 
-pytestmark = pytest.mark.e2e
+# On a GPU the kernels accumulate in a different order than the bf16 twin's matmul, so exact token
+# equality is a CPU-build property; the GPU runs tests/test_smollm2_vllm.py and the kernel tests.
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(torch.cuda.is_available(), reason="exactness checks for the CPU build")]
 
 PROMPTS = [[1, 5, 9, 100, 200, 7], [1, 17, 300], [1, 42, 43, 44, 45, 46, 47, 48, 49]]
 MAX_TOKENS = 12

@@ -15,14 +15,14 @@ def run(spec: dict) -> dict:
 
     engine_args = {
         "model": spec["model"],
-        "enforce_eager": True,
+        "enforce_eager": spec.get("enforce_eager", True),
         "dtype": spec.get("dtype", "bfloat16"),
         "max_model_len": spec.get("max_model_len", 512),
         "gpu_memory_utilization": spec.get("gpu_memory_utilization", 0.25),
         "tensor_parallel_size": spec.get("tp", 1),
         "seed": 0,
     }
-    for key in ("quantization", "hf_overrides", "load_format", "skip_tokenizer_init"):
+    for key in ("quantization", "hf_overrides", "load_format", "skip_tokenizer_init", "compilation_config"):
         if key in spec:
             engine_args[key] = spec[key]
     llm = LLM(**engine_args)

@@ -182,7 +182,9 @@ def _quantize_rows(rows: torch.Tensor, bits: int, cb: torch.Tensor):
     w = rows.float().reshape(rows.shape[0], -1, BLOCK_SIZE)
     block_max = w.abs().amax(-1)
     row_max = block_max.amax(-1)
-    scale = torch.where(row_max > 0, row_max / E4M4_MAX, torch.ones_like(row_max))
+    # Divide by a tensor, not a Python scalar: CUDA turns scalar division into a multiply by the
+    # reciprocal, which rounds differently from the CPU and would make GPU and CPU quantization differ.
+    scale = torch.where(row_max > 0, row_max / torch.full_like(row_max, E4M4_MAX), torch.ones_like(row_max))
     absmax = e4m4_encode((block_max / scale.unsqueeze(-1)).clamp(max=E4M4_MAX))
     block_scale = e4m4_decode(absmax) * scale.unsqueeze(-1)
     normalized = w / torch.where(block_scale > 0, block_scale, torch.ones_like(block_scale)).unsqueeze(-1)
