@@ -76,18 +76,18 @@ void dequantize(uintptr_t out, uintptr_t qweight, uintptr_t absmax, uintptr_t sc
     kbit::dequantize(reinterpret_cast<void*>(out), w, dt, as_stream(stream));
 }
 
-void gemv(uintptr_t out, uintptr_t x, uintptr_t qweight, uintptr_t absmax, uintptr_t scale, uintptr_t codebook,
+void mma(uintptr_t out, uintptr_t x, uintptr_t qweight, uintptr_t absmax, uintptr_t scale, uintptr_t codebook,
           int64_t m, int64_t n, int64_t k, int bits, int dtype, uintptr_t stream) {
-    const std::string fn = "gemv";
+    const std::string fn = "mma";
     const kbit::KernelWeight w = check_weight(fn, qweight, absmax, scale, codebook, n, k, bits);
     const DType dt = check_dtype(fn, dtype);
-    if (m < 1 || m > kbit::kGemvMaxM) {
-        fail(fn, "M (rows of x) must be in 1.." + std::to_string(kbit::kGemvMaxM) + ", got " + std::to_string(m));
+    if (m < 1 || m > kbit::kMmaMaxM) {
+        fail(fn, "M (rows of x) must be in 1.." + std::to_string(kbit::kMmaMaxM) + ", got " + std::to_string(m));
     }
     check_pointer(fn, "x", x, 16);
     check_pointer(fn, "out", out, 2);
     use_device_of(fn, out);
-    kbit::gemv(reinterpret_cast<void*>(out), reinterpret_cast<const void*>(x), w, static_cast<int>(m), dt,
+    kbit::mma(reinterpret_cast<void*>(out), reinterpret_cast<const void*>(x), w, static_cast<int>(m), dt,
                as_stream(stream));
 }
 
@@ -95,15 +95,15 @@ void gemv(uintptr_t out, uintptr_t x, uintptr_t qweight, uintptr_t absmax, uintp
 
 PYBIND11_MODULE(_C, mod) {
     mod.doc() = "kbit CUDA kernels (raw device pointers; see kernels/bindings.cpp)";
-    mod.attr("GEMV_MAX_M") = kbit::kGemvMaxM;
+    mod.attr("MMA_MAX_M") = kbit::kMmaMaxM;
     mod.def("dequantize", &dequantize,
             "out [N, K] (dtype) = dense weight decoded from the kernel layout, equal to format.dequantize rounded "
             "to dtype.",
             py::arg("out"), py::arg("qweight"), py::arg("absmax"), py::arg("scale"), py::arg("codebook"),
             py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("dtype"), py::arg("stream"));
-    mod.def("gemv", &gemv,
-            "out [M, N] = x [M, K] @ W^T for M in 1..4; x and out row-major contiguous of dtype, fp32 "
-            "accumulation.",
+    mod.def("mma", &mma,
+            "out [M, N] = x [M, K] @ W^T for M in 1..16 (dequantization fused into tensor-core MMA); x and out "
+            "row-major contiguous of dtype, fp32 accumulation.",
             py::arg("out"), py::arg("x"), py::arg("qweight"), py::arg("absmax"), py::arg("scale"),
             py::arg("codebook"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("dtype"),
             py::arg("stream"));

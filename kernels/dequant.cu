@@ -15,7 +15,7 @@ constexpr int kDequantWarps = 8;
 struct DequantParams {
     void* out;
     const uint4* qweight;
-    const uint32_t* absmax;
+    const uint4* absmax;
     const float* scale;
     const float* codebook;
     int n, k, groups;
@@ -31,45 +31,48 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi, DType dtype) {
     return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-// One warp per tile (32 rows x 128 inputs), one lane per row: the lane writes its row's 128 outputs.
+// One warp per tile (32 rows x 128 inputs): lane 4 G + c writes its 128 weights, 8 consecutive outputs of row
+// G + 8 j per block b (kbit_format.cuh).
 template <int BITS>
 __global__ void __launch_bounds__(kDequantWarps * 32) dequantize_kernel(const DequantParams p) {
     __shared__ float codebook[1 << BITS];
     if (threadIdx.x < (1 << BITS)) codebook[threadIdx.x] = p.codebook[threadIdx.x];
     __syncthreads();
 
-    const int lane = threadIdx.x & 31;
+    const int lane = threadIdx.x & 31, G = lane >> 2, c = lane & 3;
     const long long tile = static_cast<long long>(blockIdx.x) * kDequantWarps + (threadIdx.x >> 5);
     if (tile >= static_cast<long long>(p.n / kTileRows) * p.groups) return;
     const int rowtile = static_cast<int>(tile / p.groups), g = static_cast<int>(tile % p.groups);
-    const int row = rowtile * kTileRows + lane;
 
     const uint4* src = p.qweight + tile_vector_offset(BITS, p.groups, rowtile, g, lane);
     uint32_t w[4 * BITS];
 #pragma unroll
     for (int v = 0; v < BITS; ++v) {
-        const uint4 q = __ldg(src + v * kTileRows);
+        const uint4 q = __ldg(src + v * 32);
         w[4 * v] = q.x, w[4 * v + 1] = q.y, w[4 * v + 2] = q.z, w[4 * v + 3] = q.w;
     }
-    const uint32_t codes = __ldg(p.absmax + tile_absmax_offset(p.groups, rowtile, g, lane));
-    const float row_scale = p.scale[row];
-    uint4* dst = reinterpret_cast<uint4*>(static_cast<uint16_t*>(p.out) + static_cast<long long>(row) * p.k +
-                                          g * kTileK);
+    const uint4 codes4 = __ldg(p.absmax + tile_absmax_offset(p.groups, rowtile, g, G));
+    const uint32_t codes[kTileBlocks] = {codes4.x, codes4.y, codes4.z, codes4.w};  // [b], byte j
 #pragma unroll
-    for (int b = 0; b < kTileBlocks; ++b) {
-        if (g * kTileK + b * kBlockSize >= p.k) break;  // K padding
-        const float block_scale = __fmul_rn(e4m4_decode((codes >> (8 * b)) & 0xFF), row_scale);
+    for (int j = 0; j < kLaneRows; ++j) {
+        const int row = rowtile * kTileRows + G + 8 * j;
+        const float row_scale = p.scale[row];
+        uint4* dst = reinterpret_cast<uint4*>(static_cast<uint16_t*>(p.out) + static_cast<long long>(row) * p.k +
+                                              g * kTileK + c * kLaneInputs);
 #pragma unroll
-        for (int i = 0; i < kBlockSize / 8; ++i) {
+        for (int b = 0; b < kTileBlocks; ++b) {
+            if (g * kTileK + b * kBlockSize >= p.k) break;  // K padding
+            const float block_scale = __fmul_rn(e4m4_decode((codes[b] >> (8 * j)) & 0xFF), row_scale);
             uint32_t packed[4];
 #pragma unroll
-            for (int t = 0; t < 4; ++t) {
-                const int j = b * kBlockSize + i * 8 + 2 * t;
-                const float lo = __fmul_rn(codebook[stream_field(w, BITS * j, BITS, 0)], block_scale);
-                const float hi = __fmul_rn(codebook[stream_field(w, BITS * (j + 1), BITS, 0)], block_scale);
-                packed[t] = pack2(lo, hi, p.dtype);
+            for (int t = 0; t < kLaneInputs; t += 2) {
+                const float lo = __fmul_rn(codebook[stream_field(w, BITS * stream_index(b, j, t), BITS, 0)],
+                                           block_scale);
+                const float hi = __fmul_rn(codebook[stream_field(w, BITS * stream_index(b, j, t + 1), BITS, 0)],
+                                           block_scale);
+                packed[t / 2] = pack2(lo, hi, p.dtype);
             }
-            dst[b * 4 + i] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+            dst[b * kBlockSize / 8] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
         }
     }
 }
@@ -84,7 +87,7 @@ void launch_dequantize(const DequantParams& p, cudaStream_t stream) {
 }  // namespace
 
 void dequantize(void* out, const KernelWeight& w, DType dtype, cudaStream_t stream) {
-    const DequantParams p{out, static_cast<const uint4*>(w.qweight), static_cast<const uint32_t*>(w.absmax),
+    const DequantParams p{out, static_cast<const uint4*>(w.qweight), static_cast<const uint4*>(w.absmax),
                           w.scale, w.codebook, w.n, w.k, k_groups(w.k), dtype};
     switch (w.bits) {
         case 2: launch_dequantize<2>(p, stream); break;

@@ -23,14 +23,14 @@ struct KernelWeight {
     int bits;
 };
 
-// Largest M the GEMV tier handles in one call (tier 1: M = 1..kGemvMaxM).
-constexpr int kGemvMaxM = 4;
+// Largest M the MMA tier handles in one call (M = 1..kMmaMaxM).
+constexpr int kMmaMaxM = 16;
 
 // out [n, k] (dtype) = the dense weight.
 void dequantize(void* out, const KernelWeight& w, DType dtype, cudaStream_t stream);
 
-// out [m, n] = x [m, k] @ W^T, x and out of `dtype`, fp32 accumulation; 1 <= m <= kGemvMaxM.
-void gemv(void* out, const void* x, const KernelWeight& w, int m, DType dtype, cudaStream_t stream);
+// out [m, n] = x [m, k] @ W^T, x and out of `dtype`, fp32 accumulation; 1 <= m <= kMmaMaxM.
+void mma(void* out, const void* x, const KernelWeight& w, int m, DType dtype, cudaStream_t stream);
 
 inline void check_cuda(cudaError_t err, const char* what) {
     if (err != cudaSuccess) {

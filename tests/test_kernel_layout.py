@@ -1,4 +1,4 @@
-"""The kernel layout (format.to_kernel_layout) on CPU: round trip and the bit stream the CUDA kernels decode."""
+"""The kernel layout (format.to_kernel_layout) on CPU: round trip and the lane map the CUDA kernels decode."""
 
 import pytest
 import torch
@@ -24,22 +24,38 @@ def test_round_trip(bits, shape):
     assert torch.equal(back.absmax, t.absmax)
 
 
+def test_round_trip_in_several_chunks(monkeypatch):
+    # to/from_kernel_layout convert large weights a few row tiles at a time
+    monkeypatch.setattr(kf, "_kernel_row_chunk", lambda groups, bits: 64)
+    t = kf.quantize(_weight((160, 288), 3), 3)
+    back = kf.from_kernel_layout(*kf.to_kernel_layout(t), t.scale, 3, 288)
+    assert torch.equal(back.qweight, t.qweight) and torch.equal(back.absmax, t.absmax)
+
+
 @pytest.mark.parametrize("bits", kf.SUPPORTED_BITS)
-def test_index_stream(bits):
-    """Row r's 4*bits words of tile g hold its 128 indices as a little-endian stream, bits*i.. for index i."""
+def test_lane_map(bits):
+    """Weight (row, col) is index 32 b + 8 j + t of lane 4 G + c's bit stream in tile (row // 32, col // 128), with
+    row % 32 = 8 j + G and col % 128 = 32 b + 8 c + t; its block's absmax code is byte j of entry 4 G + b."""
     n, k = 64, 288  # K padded to 384: the last tile is part padding
     t = kf.quantize(_weight((n, k), 10 + bits), bits)
     qweight_tiled, absmax_tiled = kf.to_kernel_layout(t)
     indices = kf.unpack_bitplanes(t.qweight, bits).long()
-    for row, g in [(0, 0), (37, 1), (63, 2)]:
-        words = qweight_tiled[row // 32, g, :, row % 32, :].reshape(-1).long() & 0xFFFFFFFF
-        stream = sum(int(word) << (32 * j) for j, word in enumerate(words))
-        for i in range(128):
-            col = g * 128 + i
-            expected = int(indices[row, col]) if col < k else 0
-            assert (stream >> (bits * i)) & ((1 << bits) - 1) == expected
-        codes = absmax_tiled[row // 32, g, row % 32].tolist()
-        assert codes == [int(t.absmax[row, 4 * g + b]) if 4 * g + b < k // 32 else 0 for b in range(4)]
+    for rowtile, g in [(0, 0), (1, 1), (1, 2)]:
+        for lane in range(32):
+            G, c = divmod(lane, 4)
+            words = qweight_tiled[rowtile, g, :, lane, :].reshape(-1).long() & 0xFFFFFFFF
+            stream = sum(int(word) << (32 * w) for w, word in enumerate(words))
+            for b in range(4):
+                for j in range(4):
+                    row = 32 * rowtile + 8 * j + G
+                    block = 4 * g + b
+                    code = int(absmax_tiled[rowtile, g, 4 * G + b, j])
+                    assert code == (int(t.absmax[row, block]) if block < k // 32 else 0)
+                    for tt in range(8):
+                        col = 128 * g + 32 * b + 8 * c + tt
+                        expected = int(indices[row, col]) if col < k else 0
+                        i = 32 * b + 8 * j + tt
+                        assert (stream >> (bits * i)) & ((1 << bits) - 1) == expected
 
 
 def test_rejects_rows_not_multiple_of_tile():

@@ -17,16 +17,16 @@ except ImportError:
 pytestmark = pytest.mark.gpu
 
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
-SHAPES = [(192, 576), (512, 2048), (6144, 4096)]  # (N, K): SmolLM2 (K padded), Qwen3-Next kv, Llama-3-8B qkv
+# (N, K): SmolLM2 (K padded, several row tiles per unit), Qwen3-Next kv, Llama-3-8B qkv (several units per block),
+# K with one block in its last column tile
+SHAPES = [(192, 576), (512, 2048), (6144, 4096), (224, 1056)]
+MMA_MS = [1, 2, 3, 4, 5, 8, 9, 16]  # one and two n8 token tiles, partly filled
 
 # Tolerance on ||out - ref|| / ||ref||, ref = fp64 matmul of the same (fp16/bf16) x with the fp32 reference
 # weight. Unit roundoff u: fp16 2^-11 = 4.9e-4, bf16 2^-9 = 2.0e-3. Error sources, each relative to the norm:
-# output rounding to the dtype (rms ~ u/sqrt(3)); codebook values rounded to fp16 in the kernel's lookup table
-# (rms ~ 2^-11/sqrt(3) = 2.8e-4); the fp16 products and fp16 partial sums of each 32-weight block (two chains of
-# 8 terms per half, then added; the kernel scales each 128-group of x into [128, 256), so no overflow or subnormal
-# loss; rounding of a running sum of j terms is ~ u * sqrt(j) times a term, ~ 1.5 u over a block); fp32
-# accumulation across blocks is negligible.
-# Sum for fp16 ~ 1e-3, for bf16 ~ 1.5e-3; the bounds leave ~4x headroom and still catch any wrong index, absmax,
+# output rounding to the dtype (rms ~ u/sqrt(3)); codebook values rounded to the activation dtype in the kernel's
+# lookup table (rms ~ u/sqrt(3)); products and sums are fp32 in the tensor cores and across blocks (negligible).
+# Sum for fp16 ~ 4e-4, for bf16 ~ 1.6e-3; the bounds leave >= 4x headroom and still catch any wrong index, absmax,
 # scale or row (those give errors of order 1).
 TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 6e-3}
 
@@ -51,11 +51,11 @@ def stream():
     return torch.cuda.current_stream().cuda_stream
 
 
-def run_gemv(x, n, k, bits, magnitude=1.0):
+def run_mma(x, n, k, bits, magnitude=1.0):
     t, codebook, qweight_tiled, absmax_tiled, _ = quantized(n, k, bits, magnitude)
     out = torch.full((x.shape[0], n), float("nan"), dtype=x.dtype, device="cuda")
-    _C.gemv(out.data_ptr(), x.data_ptr(), qweight_tiled.data_ptr(), absmax_tiled.data_ptr(), t.scale.data_ptr(),
-            codebook.data_ptr(), x.shape[0], n, k, bits, DTYPE_CODES[x.dtype], stream())
+    _C.mma(out.data_ptr(), x.data_ptr(), qweight_tiled.data_ptr(), absmax_tiled.data_ptr(), t.scale.data_ptr(),
+           codebook.data_ptr(), x.shape[0], n, k, bits, DTYPE_CODES[x.dtype], stream())
     return out
 
 
@@ -76,24 +76,35 @@ def test_dequantize_exact(n, k, bits, dtype):
     assert torch.equal(out, reference.to(dtype))
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", MMA_MS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", kf.SUPPORTED_BITS)
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_gemv(n, k, bits, dtype, m):
+def test_mma(n, k, bits, dtype, m):
     x = torch.randn(m, k, device="cuda").to(dtype)
-    out = run_gemv(x, n, k, bits)
+    out = run_mma(x, n, k, bits)
     err = relative_error(out, x, quantized(n, k, bits)[4])
     assert not out.isnan().any(), "unwritten or non-finite outputs"
     assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gemv_large_activations(dtype):
+def test_mma_many_units_per_block(dtype):
+    # 1024 row tiles in units of 2 (K has 5 column tiles): every block runs several units, the ring carries tiles
+    # across unit ends
+    n, k, bits = 32768, 576, 3
+    x = torch.randn(3, k, device="cuda").to(dtype)
+    out = run_mma(x, n, k, bits)
+    assert not out.isnan().any()
+    assert relative_error(out, x, quantized(n, k, bits)[4]) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mma_large_activations(dtype):
     """Activations far from 1 (|x| ~ 1e4 / 1e-3 in fp16, 1e-20 / 1e20 in bf16) neither overflow nor lose precision.
 
-    Unscaled, 16 products of |x| ~ 1e4 with codebook values near 1 would overflow an fp16 partial sum; the weight
-    is small (rms ~ 1e-2, as in LLMs) so that the fp16 outputs themselves stay finite.
+    Sums of products of |x| ~ 1e4 with codebook values near 1 overflow fp16 within a block; the kernel must keep
+    them in fp32. The weight is small (rms ~ 1e-2, as in LLMs) so that the fp16 outputs themselves stay finite.
     """
     n, k, bits, magnitude = 512, 2048, 4, 1e-3
     x = torch.randn(3, k, device="cuda")
@@ -104,28 +115,29 @@ def test_gemv_large_activations(dtype):
     else:
         x[1] *= 1e-3  # outputs stay above fp16's subnormal range, whose rounding the bound does not cover
     x = x.to(dtype)
-    out = run_gemv(x, n, k, bits, magnitude)
+    out = run_mma(x, n, k, bits, magnitude)
     reference = quantized(n, k, bits, magnitude)[4]
     for row in range(3):
         err = relative_error(out[row:row + 1], x[row:row + 1], reference)
         assert err < TOLERANCE[dtype], f"row {row}: relative error {err:.2e}"
 
 
-def test_gemv_cuda_graph_matches_eager():
+@pytest.mark.parametrize("m", [2, 16])
+def test_mma_cuda_graph_matches_eager(m):
     n, k, bits = 512, 2048, 3
     t, codebook, qweight_tiled, absmax_tiled, _ = quantized(n, k, bits)
-    x = torch.randn(2, k, device="cuda", dtype=torch.bfloat16)
-    eager = run_gemv(x, n, k, bits)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    eager = run_mma(x, n, k, bits)
     out = torch.full_like(eager, float("nan"))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up call outside capture, as torch recommends
-        run_gemv(x, n, k, bits)
+        run_mma(x, n, k, bits)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        _C.gemv(out.data_ptr(), x.data_ptr(), qweight_tiled.data_ptr(), absmax_tiled.data_ptr(),
-                t.scale.data_ptr(), codebook.data_ptr(), 2, n, k, bits, 1, stream())
+        _C.mma(out.data_ptr(), x.data_ptr(), qweight_tiled.data_ptr(), absmax_tiled.data_ptr(),
+               t.scale.data_ptr(), codebook.data_ptr(), m, n, k, bits, 1, stream())
     for _ in range(3):
         out.fill_(float("nan"))
         graph.replay()
@@ -144,16 +156,16 @@ def test_invalid_arguments():
         "K \\(in_features\\)": (1, n, k - 16, bits, 0),
         "N \\(out_features\\)": (1, n - 8, k, bits, 0),
         "dtype": (1, n, k, bits, 2),
-        "M \\(rows of x\\)": (5, n, k, bits, 0),
+        "M \\(rows of x\\)": (17, n, k, bits, 0),
     }
     for message, (m, nn, kk, b, dt) in cases.items():
         with pytest.raises(ValueError, match=message):
-            _C.gemv(out.data_ptr(), x.data_ptr(), *ptrs, m, nn, kk, b, dt, stream())
+            _C.mma(out.data_ptr(), x.data_ptr(), *ptrs, m, nn, kk, b, dt, stream())
     with pytest.raises(ValueError, match="x must be 16-byte aligned"):
-        _C.gemv(out.data_ptr(), x.data_ptr() + 2, *ptrs, 1, n, k, bits, 0, stream())
+        _C.mma(out.data_ptr(), x.data_ptr() + 2, *ptrs, 1, n, k, bits, 0, stream())
     with pytest.raises(ValueError, match="not CUDA device memory"):
         host = torch.empty(1, n, dtype=torch.float16)
-        _C.gemv(host.data_ptr(), x.data_ptr(), *ptrs, 1, n, k, bits, 0, stream())
+        _C.mma(host.data_ptr(), x.data_ptr(), *ptrs, 1, n, k, bits, 0, stream())
 
 
 @pytest.mark.parametrize("bits", kf.SUPPORTED_BITS)

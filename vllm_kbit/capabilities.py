@@ -33,8 +33,7 @@ class Tier:
 
 
 GPU_TIERS = (
-    Tier("gemv", 1, 4, 80, "GEMV, dequantized in registers"),
-    Tier("mma", 5, 16, 80, "fused dequant + tensor-core MMA"),
+    Tier("mma", 1, 16, 80, "fused dequant + tensor-core MMA"),
     Tier("dequant_cublas", 17, 1 << 62, 80, "dequantize + cuBLAS"),
 )
 CPU_TIER = Tier("cpu_dequant_matmul", 1, 1 << 62, 0, "dequantize + torch matmul (CPU)")

@@ -211,24 +211,30 @@ def packed_bytes(n: int, k: int, bits: int) -> int:
 # Kernel layout
 # ---------------------------------------------------------------------------------------------------
 # The CUDA kernels (kernels/, constants mirrored in kernels/kbit_format.cuh) read a copy re-packed once at
-# load time. The weight is cut into tiles of KERNEL_TILE_ROWS rows x KERNEL_TILE_K inputs (4 blocks); in the
-# GEMV one lane of a warp owns one row of a tile, so a tile is what a warp reads in one step:
+# load time. The weight is cut into tiles of KERNEL_TILE_ROWS = 32 rows x KERNEL_TILE_K = 128 inputs (4 blocks),
+# each read by one warp in one step. Lane l = 4 G + c of the warp (G = l // 4, c = l % 4) owns 128 weights of a
+# tile: rows G + 8 j (j = 0..3) and inputs 32 b + 8 c + t (block b = 0..3, t = 0..7). These are the weights whose
+# tensor-core operand fragments the lane holds (mma.sync m16n8k16, A operand: "groupID" G, "threadID_in_group"
+# c) when block b is multiplied as two 16-row halves x two 16-input steps, step s taking inputs 8 c + 4 s + 0..3
+# from lane c (a permutation of the inputs within the block, applied to the activations too).
 #
-# * qweight_tiled int32 [..., N/32, G, bits, 32, 4] with G = ceil(K/128): tile (rowtile, g), then ``bits``
-#   16-byte vectors per row, stored vector-major so that vector ``v`` of all 32 rows is 512 contiguous bytes
-#   (one coalesced 16-byte load per lane). The 4*bits words of one row form a little-endian bit stream of
-#   that row's 128 codebook indices in K order: index ``i`` sits at stream bits [bits*i, bits*i + bits),
-#   stream word ``j`` is stored at [..., v = j // 4, row, j % 4]. So the two indices of weights 2p and 2p+1
-#   are one contiguous 2*bits-bit field: the kernel turns it into a lookup-table offset with a shift and a
-#   mask instead of gathering one bit per bit-plane.
-# * absmax_tiled uint8 [..., N/32, G, 32, 4]: the E4M4 codes of the row's 4 blocks in the tile (one 32-bit
-#   load per lane).
+# * qweight_tiled int32 [..., N/32, G, bits, 32, 4] with G = ceil(K/128): lane l's 128 codebook indices in the
+#   order (b, j, t), as a little-endian bit stream (weight number i = 32 b + 8 j + t at stream bits
+#   [bits*i, bits*i + bits)); stream word w is stored at [..., v = w // 4, l, w % 4], so vector v of all 32 lanes
+#   is 512 contiguous bytes (one coalesced 16-byte load per lane). The indices of weights t, t + 1 (for k=2:
+#   t..t + 3) are one contiguous field, which the kernel uses whole as a lookup-table key.
+# * absmax_tiled uint8 [..., N/32, G, 32, 4]: entry [..., 4 G + b, j] is the E4M4 code of row G + 8 j, block b,
+#   so lane l reads the codes of its 4 rows x 4 blocks with one 16-byte load.
 #
 # K is padded to a multiple of 128 with index 0 and absmax code 0 (E4M4 0.0), so padding contributes 0.
 
 KERNEL_TILE_ROWS = 32
 KERNEL_TILE_K = 128
 KERNEL_TILE_BLOCKS = KERNEL_TILE_K // BLOCK_SIZE
+KERNEL_LANES = 32
+# A row index r in a tile is (j, G) = divmod(r, 8), an input i is (b, c, t) = (i // 32, i // 8 % 4, i % 8).
+_ROW_J, _ROW_G = 4, 8
+_IN_C, _IN_T = 4, 8
 
 
 def kernel_k_groups(in_features: int) -> int:
@@ -258,21 +264,24 @@ def to_kernel_layout(t: KbitTensor) -> tuple[torch.Tensor, torch.Tensor]:
     dev = qweight.device
     stream_bits = torch.arange(bits, device=dev, dtype=torch.int64)
     word_bits = torch.arange(32, device=dev, dtype=torch.int64)
-    tiled = torch.empty(rows, groups, 4 * bits, dtype=torch.int32, device=dev)
+    tiled = torch.empty(rows // KERNEL_TILE_ROWS, groups, KERNEL_LANES, 4 * bits, dtype=torch.int32, device=dev)
     step = _kernel_row_chunk(groups, bits)
     for r0 in range(0, rows, step):
         idx = unpack_bitplanes(qweight[r0:r0 + step], bits).to(torch.int64)
         idx = torch.nn.functional.pad(idx, (0, groups * KERNEL_TILE_K - idx.shape[-1]))
-        stream = (idx.view(-1, groups, KERNEL_TILE_K, 1) >> stream_bits) & 1  # [r, G, 128, bits]
-        stream = stream.view(-1, groups, 4 * bits, 32)
-        words = (stream << word_bits).sum(-1)  # [r, G, 4*bits] in [0, 2^32)
-        tiled[r0:r0 + step] = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    qweight_tiled = (tiled.view(-1, KERNEL_TILE_ROWS, groups, bits, 4).permute(0, 2, 3, 1, 4)
-                     .reshape(*lead, n // KERNEL_TILE_ROWS, groups, bits, KERNEL_TILE_ROWS, 4).contiguous())
+        # [rowtile, j, G, group, b, c, t] -> [rowtile, group, lane = (G, c), stream = (b, j, t)]
+        idx = (idx.view(-1, _ROW_J, _ROW_G, groups, KERNEL_TILE_BLOCKS, _IN_C, _IN_T).permute(0, 3, 2, 5, 4, 1, 6)
+               .reshape(-1, groups, KERNEL_LANES, KERNEL_TILE_K, 1))
+        stream = ((idx >> stream_bits) & 1).view(-1, groups, KERNEL_LANES, 4 * bits, 32)
+        words = (stream << word_bits).sum(-1)  # [rowtiles, G, lanes, 4*bits] in [0, 2^32)
+        tiled[r0 // KERNEL_TILE_ROWS:(r0 + step) // KERNEL_TILE_ROWS] = (
+            torch.where(words >= 2**31, words - 2**32, words).to(torch.int32))
+    qweight_tiled = (tiled.view(-1, groups, KERNEL_LANES, bits, 4).permute(0, 1, 3, 2, 4)
+                     .reshape(*lead, n // KERNEL_TILE_ROWS, groups, bits, KERNEL_LANES, 4).contiguous())
     absmax = torch.nn.functional.pad(absmax, (0, groups * KERNEL_TILE_BLOCKS - nblocks))
-    absmax_tiled = (absmax.view(-1, KERNEL_TILE_ROWS, groups, KERNEL_TILE_BLOCKS).permute(0, 2, 1, 3)
-                    .reshape(*lead, n // KERNEL_TILE_ROWS, groups, KERNEL_TILE_ROWS, KERNEL_TILE_BLOCKS)
-                    .contiguous())
+    # [rowtile, j, G, group, b] -> [rowtile, group, (G, b), j]
+    absmax_tiled = (absmax.view(-1, _ROW_J, _ROW_G, groups, KERNEL_TILE_BLOCKS).permute(0, 3, 2, 4, 1)
+                    .reshape(*lead, n // KERNEL_TILE_ROWS, groups, KERNEL_LANES, _ROW_J).contiguous())
     return qweight_tiled, absmax_tiled
 
 
@@ -285,19 +294,21 @@ def from_kernel_layout(qweight_tiled: torch.Tensor, absmax_tiled: torch.Tensor, 
     n = rowtiles * KERNEL_TILE_ROWS
     nblocks = in_features // BLOCK_SIZE
     dev = qweight_tiled.device
-    words = (qweight_tiled.reshape(-1, groups, bits, KERNEL_TILE_ROWS, 4).permute(0, 3, 1, 2, 4)
-             .reshape(-1, groups, 4 * bits))
+    words = (qweight_tiled.reshape(-1, groups, bits, KERNEL_LANES, 4).permute(0, 1, 3, 2, 4)
+             .reshape(-1, groups, KERNEL_LANES, 4 * bits))
     stream_bits = torch.arange(bits, device=dev, dtype=torch.int64)
     word_bits = torch.arange(32, device=dev, dtype=torch.int64)
-    rows = words.shape[0]
-    qweight = torch.empty(rows, nblocks * bits, dtype=torch.int32, device=dev)
-    step = _kernel_row_chunk(groups, bits)
-    for r0 in range(0, rows, step):
-        chunk = words[r0:r0 + step].to(torch.int64) & 0xFFFFFFFF
-        stream = ((chunk.unsqueeze(-1) >> word_bits) & 1).view(-1, groups * KERNEL_TILE_K, bits)
-        idx = (stream << stream_bits).sum(-1)[:, :in_features]
-        qweight[r0:r0 + step] = pack_bitplanes(idx.view(-1, nblocks, BLOCK_SIZE), bits)
-    absmax = (absmax_tiled.reshape(-1, groups, KERNEL_TILE_ROWS, KERNEL_TILE_BLOCKS).permute(0, 2, 1, 3)
+    qweight = torch.empty(rowtiles * math.prod(lead), KERNEL_TILE_ROWS, nblocks * bits, dtype=torch.int32,
+                          device=dev)
+    step = _kernel_row_chunk(groups, bits) // KERNEL_TILE_ROWS
+    for t0 in range(0, words.shape[0], step):
+        chunk = words[t0:t0 + step].to(torch.int64) & 0xFFFFFFFF
+        stream = ((chunk.unsqueeze(-1) >> word_bits) & 1).view(-1, groups, KERNEL_LANES, KERNEL_TILE_K, bits)
+        idx = (stream << stream_bits).sum(-1)  # [rowtiles, G, lane = (G, c), (b, j, t)]
+        idx = (idx.view(-1, groups, _ROW_G, _IN_C, KERNEL_TILE_BLOCKS, _ROW_J, _IN_T).permute(0, 5, 2, 1, 4, 3, 6)
+               .reshape(-1, KERNEL_TILE_ROWS, groups * KERNEL_TILE_K)[..., :in_features])
+        qweight[t0:t0 + step] = pack_bitplanes(idx.reshape(-1, KERNEL_TILE_ROWS, nblocks, BLOCK_SIZE), bits)
+    absmax = (absmax_tiled.reshape(-1, groups, _ROW_G, KERNEL_TILE_BLOCKS, _ROW_J).permute(0, 4, 2, 1, 3)
               .reshape(-1, groups * KERNEL_TILE_BLOCKS)[:, :nblocks])
     return KbitTensor(qweight.reshape(*lead, n, nblocks * bits), absmax.reshape(*lead, n, nblocks).contiguous(),
                       scale, bits)

@@ -43,7 +43,7 @@ def tiers_for_device(device_index: int) -> tuple[capabilities.Tier, ...]:
     major, minor = torch.cuda.get_device_capability(device_index)
     capability = major * 10 + minor
     capabilities.check_gpu_capability(capability, torch.cuda.get_device_name(device_index))
-    compiled = frozenset(name for name in ("gemv", "mma") if hasattr(_C, name))
+    compiled = frozenset(tier.name for tier in capabilities.GPU_TIERS if hasattr(_C, tier.name))
     return capabilities.available_tiers(capability, compiled)
 
 
