@@ -126,10 +126,13 @@ class KbitConfig(QuantizationConfig):
             method = KbitLinearMethod if self.packed else KbitOnlineLinearMethod
             return method(self, bits, prefix)
         if _is_moe_layer(layer):
-            raise NotImplementedError(
-                f"kbit does not quantize MoE expert layers yet ({prefix}). "
-                "Serve this model without --quantization kbit for now."
-            )
+            from vllm_kbit.moe import KbitMoEMethod, KbitOnlineMoEMethod, expert_checkpoint_names
+
+            names = expert_checkpoint_names(layer, prefix)
+            if self.is_skipped(prefix, names):
+                return None  # unquantized experts
+            method = KbitMoEMethod if self.packed else KbitOnlineMoEMethod
+            return method(self, self.bits_for(prefix, names), layer.moe_config, prefix)
         return None  # embeddings, lm_head, attention: unquantized
 
     # --- which modules, how many bits ---------------------------------------------------------------

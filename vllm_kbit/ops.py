@@ -141,3 +141,134 @@ def _register() -> torch.library.Library:
 
 # Kept alive for the process: the ops live as long as this Library object.
 _LIBRARY = _register() if not hasattr(torch.ops.kbit, "gemm") else None
+
+
+# ===================================================================================================
+# MoE experts: torch.ops.kbit.moe_experts (used by vllm_kbit/moe.py)
+# ===================================================================================================
+# One call computes all routed experts of one MoE layer on the layer's kernel-layout tensors (made by
+# prepare_weight, stacked over experts: w13 [E, 2I, H] = gate rows then up rows, w2 [E, H, I]).
+
+# Gated activations: act(gate) * up, gate = first half of the w13 output. Same functions as vLLM's
+# SiluAndMul / GeluAndMul (exact erf) / GeluAndMul(approximate="tanh").
+MOE_ACTIVATIONS = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": functools.partial(torch.nn.functional.gelu, approximate="tanh"),
+}
+
+
+def check_moe_activation(activation: str) -> None:
+    if activation not in MOE_ACTIVATIONS:
+        raise ValueError(f"kbit MoE experts support the activations {', '.join(MOE_ACTIVATIONS)}; got {activation!r}")
+
+
+def _decode_cpu_layout(qweight: torch.Tensor, block_scale: torch.Tensor, codebook: torch.Tensor,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """The CPU layout (uint8 indices [..., N, K], fp32 block scales [..., N, K/32]) decoded to ``dtype``.
+
+    Rounded to ``dtype`` from the fp32 product, exactly as format.dequantize(..., dtype) does.
+    """
+    *lead, n, k = qweight.shape
+    values = codebook[qweight.long()].view(*lead, n, k // kfmt.BLOCK_SIZE, kfmt.BLOCK_SIZE)
+    return (values * block_scale.unsqueeze(-1)).view(*lead, n, k).to(dtype)
+
+
+def _moe_experts_cpu(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     w13_qweight: torch.Tensor, w13_absmax: torch.Tensor, w2_qweight: torch.Tensor,
+                     w2_absmax: torch.Tensor, codebook: torch.Tensor, activation: str) -> torch.Tensor:
+    # The rounding follows vLLM's CPU MoE kernel (cpu_fused_moe), so that a bf16 model holding the decoded
+    # weights gives the same tokens: fp32 accumulation of both GEMMs, the activation product rounded to x's
+    # dtype, the weighted sum over the top-k experts in fp32, rounded once at the end.
+    act = MOE_ACTIVATIONS[activation]
+    m, top_k = topk_ids.shape
+    out = torch.zeros(m, x.shape[1], dtype=torch.float32)
+    slot_expert = topk_ids.reshape(-1).long()
+    slot_weight = topk_weights.reshape(-1, 1).float()
+    slots_by_expert = torch.argsort(slot_expert, stable=True)
+    counts = torch.bincount(slot_expert, minlength=w13_qweight.shape[0]).tolist()
+    first = 0
+    for expert, count in enumerate(counts):
+        if count == 0:  # only the experts some token uses are decoded
+            continue
+        slots = slots_by_expert[first:first + count]
+        first += count
+        tokens = slots // top_k
+        w13 = _decode_cpu_layout(w13_qweight[expert], w13_absmax[expert], codebook, x.dtype).float()
+        gate, up = (x[tokens].float() @ w13.t()).chunk(2, dim=-1)
+        hidden = (act(gate) * up).to(x.dtype).float()
+        w2 = _decode_cpu_layout(w2_qweight[expert], w2_absmax[expert], codebook, x.dtype).float()
+        out.index_add_(0, tokens, (hidden @ w2.t()) * slot_weight[slots])
+    return out.to(x.dtype)
+
+
+def _decode_kernel_layout_cuda(qweight: torch.Tensor, absmax: torch.Tensor, scale: torch.Tensor,
+                               codebook: torch.Tensor, bits: int, in_features: int,
+                               dtype: torch.dtype) -> torch.Tensor:
+    """All experts of a kernel-layout weight decoded to a new ``dtype`` tensor [E, N, K] (no host sync).
+
+    The tiled layout of [E, N, K] is that of one [E*N, K] weight, so one dequantize launch decodes all experts.
+    """
+    out = torch.empty((*scale.shape, in_features), dtype=dtype, device=scale.device)
+    _C.dequantize(out.data_ptr(), qweight.data_ptr(), absmax.data_ptr(), scale.data_ptr(), codebook.data_ptr(),
+                  scale.numel(), in_features, bits, _DTYPE_CODE[dtype],
+                  torch.cuda.current_stream(scale.device).cuda_stream)
+    return out
+
+
+def _moe_experts_cuda(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                      w13_qweight: torch.Tensor, w13_absmax: torch.Tensor, w13_scale: torch.Tensor,
+                      w2_qweight: torch.Tensor, w2_absmax: torch.Tensor, w2_scale: torch.Tensor,
+                      codebook: torch.Tensor, bits: int, activation: str) -> torch.Tensor:
+    # FALLBACK, to be replaced by the grouped kbit MoE kernel: decode every expert of the layer into a
+    # temporary 16-bit copy, then run vLLM's own (Triton) fused MoE on it. Correct and free of host syncs
+    # (CUDA-graph safe), but it writes and reads the layer's full 16-bit expert weights on every call.
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
+
+    hidden, intermediate = x.shape[1], w13_scale.shape[-1] // 2
+    w13 = _decode_kernel_layout_cuda(w13_qweight, w13_absmax, w13_scale, codebook, bits, hidden, x.dtype)
+    w2 = _decode_kernel_layout_cuda(w2_qweight, w2_absmax, w2_scale, codebook, bits, intermediate, x.dtype)
+    return fused_experts(x, w13, w2, topk_weights, topk_ids, activation=MoEActivation(activation),
+                         global_num_experts=w13.shape[0])
+
+
+def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                w13_qweight: torch.Tensor, w13_absmax: torch.Tensor, w13_scale: torch.Tensor,
+                w2_qweight: torch.Tensor, w2_absmax: torch.Tensor, w2_scale: torch.Tensor,
+                codebook: torch.Tensor, bits: int, activation: str) -> torch.Tensor:
+    """out[M, H] = sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(x[m]) for one MoE layer.
+
+    expert_e(x) = w2_e @ (act(gate) * up), [gate | up] = w13_e @ x; weights in the device's kernel layout.
+    topk_ids are local expert ids (no expert parallelism); the result is this tensor-parallel rank's
+    partial sum.
+    """
+    check_moe_activation(activation)
+    if x.shape[0] == 0:
+        return torch.empty_like(x)
+    if x.is_cuda:
+        require_kernels()
+        return _moe_experts_cuda(x, topk_weights, topk_ids, w13_qweight, w13_absmax, w13_scale, w2_qweight,
+                                 w2_absmax, w2_scale, codebook, bits, activation)
+    return _moe_experts_cpu(x, topk_weights, topk_ids, w13_qweight, w13_absmax, w2_qweight, w2_absmax,
+                            codebook, activation)
+
+
+def _moe_experts_fake(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                      w13_qweight: torch.Tensor, w13_absmax: torch.Tensor, w13_scale: torch.Tensor,
+                      w2_qweight: torch.Tensor, w2_absmax: torch.Tensor, w2_scale: torch.Tensor,
+                      codebook: torch.Tensor, bits: int, activation: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _register_moe() -> torch.library.Library:
+    lib = torch.library.Library("kbit", "FRAGMENT")
+    lib.define("moe_experts" + torch.library.infer_schema(moe_experts, mutates_args=()))
+    for key in ("CPU", "CUDA"):
+        lib.impl("moe_experts", moe_experts, key)
+    lib._register_fake("moe_experts", _moe_experts_fake)
+    return lib
+
+
+# Kept alive for the process, like _LIBRARY.
+_MOE_LIBRARY = _register_moe() if not hasattr(torch.ops.kbit, "moe_experts") else None
