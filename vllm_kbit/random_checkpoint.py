@@ -72,14 +72,9 @@ def write_random_llama(out_dir: Path, shape: LlamaShape = TINY_LLAMA, dtype: tor
     with StreamingWriter(out_dir / "model.safetensors", plan) as writer:
         for name, dt, size in plan:
             writer.write(name, _random_tensor(name, dt, size, gen))
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-              "torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": 1, "eos_token_id": 2,
-              **{k: v for k, v in asdict(shape).items() if v is not None}}
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (out_dir / "config.json").write_text(json.dumps(llama_config(shape, dtype), indent=2))
     if tokenizer_dir is not None:
-        for f in tokenizer_dir.iterdir():
-            if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
-                (out_dir / f.name).write_bytes(f.read_bytes())
+        copy_tokenizer_files(tokenizer_dir, out_dir)
     return out_dir
 
 
