@@ -30,4 +30,5 @@ else
   echo "setup: no nvcc on PATH: vllm-kbit installs with its CPU path only"
 fi
 python -m pip install --no-build-isolation -q ".[test,bench]"
-python -c "import vllm_kbit.ops as o; print('setup: vllm-kbit installed; CUDA kernels compiled:', o.kernels_available())"
+# from /tmp, so that the installed package (with its kernels) is imported, not the source tree
+(cd /tmp && python -c "import vllm_kbit.ops as o; print('setup: vllm-kbit installed; CUDA kernels compiled:', o.kernels_available())")
