@@ -126,7 +126,7 @@ class KbitConfig(QuantizationConfig):
             method = KbitLinearMethod if self.packed else KbitOnlineLinearMethod
             return method(self, bits, prefix)
         if _is_moe_layer(layer):
-            from vllm_kbit.moe import KbitMoEMethod, KbitOnlineMoEMethod, expert_checkpoint_names
+            from vllm_kbit.moe import KbitMoEMethod, KbitOnlineMoEMethod, expert_checkpoint_names  # imports us
 
             names = expert_checkpoint_names(layer, prefix)
             if self.is_skipped(prefix, names):
@@ -211,11 +211,32 @@ def _load_tracking(layer: torch.nn.Module, name: str, weight_loader):
     return tracking_weight_loader
 
 
-def _check_all_loaded(layer: torch.nn.Module, names: tuple[str, ...], prefix: str) -> None:
+def loading_dummy_weights() -> bool:
+    """--load-format dummy: no weight loader runs, so there is nothing to check for completeness."""
     from vllm.config import get_current_vllm_config
 
-    if get_current_vllm_config().load_config.load_format == "dummy":
-        return  # nothing is loaded by design
+    return get_current_vllm_config().load_config.load_format == "dummy"
+
+
+def install_kernel_tensors(layer: torch.nn.Module, tensors: dict[str, torch.Tensor], codebook: torch.Tensor,
+                           prefix: str = "") -> None:
+    """Put the kernel-layout tensors (ops.prepare_weight) and the codebook on the layer.
+
+    Loaded parameters are replaced in place of their name (keeping vLLM's bookkeeping); names that did
+    not exist before (load-time quantization loads a 16-bit ``weight`` instead) are registered.
+    """
+    for name, tensor in tensors.items():
+        name = prefix + name
+        if hasattr(layer, name):
+            replace_parameter(layer, name, tensor)
+        else:
+            layer.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+    layer.register_buffer("kbit_codebook", codebook, persistent=False)
+
+
+def _check_all_loaded(layer: torch.nn.Module, names: tuple[str, ...], prefix: str) -> None:
+    if loading_dummy_weights():
+        return
     expected = _expected_shards(layer)
     record = layer.__dict__.get("_kbit_loaded_shards", {})
     for name in names:
@@ -295,13 +316,7 @@ class KbitLinearMethod(LinearMethodBase):
             return
         packed = self._packed_weight(layer)
         device = packed.qweight.device
-        kernel_tensors = ops.prepare_weight(packed, device)
-        for name, tensor in kernel_tensors.items():
-            if hasattr(layer, name):
-                replace_parameter(layer, name, tensor)
-            else:
-                layer.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
-        layer.register_buffer("kbit_codebook", self.quant_config.codebook(self.bits).to(device), persistent=False)
+        install_kernel_tensors(layer, ops.prepare_weight(packed, device), self.quant_config.codebook(self.bits).to(device))
         _log_kernel_choice(packed.scale.shape[0], packed.in_features, self.bits, device)
         layer._already_called_process_weights_after_loading = True
 

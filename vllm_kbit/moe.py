@@ -22,14 +22,14 @@ After loading, the tensors are re-packed into the device's layout (ops.prepare_w
 from __future__ import annotations
 
 import torch
-from vllm.config import get_current_vllm_config
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, FusedMoeWeightScaleSupported
 from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG, FusedMoEConfig
 from vllm.model_executor.model_loader.reload.layerwise import initialize_online_processing
-from vllm.model_executor.utils import replace_parameter, set_weight_attrs
+from vllm.model_executor.utils import set_weight_attrs
 
 from vllm_kbit import capabilities, format as kfmt, ops
+from vllm_kbit.config import install_kernel_tensors, loading_dummy_weights
 
 logger = init_logger("vllm.kbit.moe")  # under the "vllm" logger, like config.py's, so vLLM's logging applies
 
@@ -112,8 +112,8 @@ class KbitMoEMethod(FusedMoEMethodBase):
             capabilities.check_partition(k, n, f"{self.prefix} (the experts' {projections[stem]})", tp)
 
     def _check_all_loaded(self, layer) -> None:
-        if get_current_vllm_config().load_config.load_format == "dummy":
-            return  # nothing is loaded by design
+        if loading_dummy_weights():
+            return
         projection = {"w1": layer.ckpt_gate_proj_name, "w3": layer.ckpt_up_proj_name,
                       "w2": layer.ckpt_down_proj_name}
         # One record per parameter made by create_weights, e.g. "w13_qweight".
@@ -165,14 +165,9 @@ class KbitMoEMethod(FusedMoEMethodBase):
             return
         packed = self._packed_experts(layer)
         device = packed["w13"].qweight.device
+        codebook = self.quant_config.codebook(self.bits).to(device)
         for stem, weight in packed.items():
-            for name, tensor in ops.prepare_weight(weight, device).items():
-                param_name = f"{stem}_{name}"
-                if hasattr(layer, param_name):
-                    replace_parameter(layer, param_name, tensor)
-                else:
-                    layer.register_parameter(param_name, torch.nn.Parameter(tensor, requires_grad=False))
-        layer.register_buffer("kbit_codebook", self.quant_config.codebook(self.bits).to(device), persistent=False)
+            install_kernel_tensors(layer, ops.prepare_weight(weight, device), codebook, prefix=f"{stem}_")
         self._log_plan(packed, device)
         layer._already_called_process_weights_after_loading = True
 

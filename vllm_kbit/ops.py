@@ -87,12 +87,20 @@ def prepare_weight(t: kfmt.KbitTensor, device: torch.device) -> dict[str, torch.
 # ---------------------------------------------------------------------------------------------------
 
 
+def _decode_cpu_layout(qweight: torch.Tensor, block_scale: torch.Tensor, codebook: torch.Tensor,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """The CPU layout (uint8 indices [..., N, K], fp32 block scales [..., N, K/32]) decoded to ``dtype``.
+
+    Rounded to ``dtype`` from the fp32 product, exactly as format.dequantize(..., dtype) does.
+    """
+    *lead, n, k = qweight.shape
+    values = codebook[qweight.long()].view(*lead, n, k // kfmt.BLOCK_SIZE, kfmt.BLOCK_SIZE)
+    return (values * block_scale.unsqueeze(-1)).view(*lead, n, k).to(dtype)
+
+
 def _gemm_cpu(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, scale: torch.Tensor,
               codebook: torch.Tensor, bits: int) -> torch.Tensor:
-    n, k = qweight.shape
-    values = codebook[qweight.long()].view(n, k // kfmt.BLOCK_SIZE, kfmt.BLOCK_SIZE)
-    weight = (values * absmax.unsqueeze(-1)).view(n, k).to(x.dtype)
-    return torch.nn.functional.linear(x, weight)
+    return torch.nn.functional.linear(x, _decode_cpu_layout(qweight, absmax, codebook, x.dtype))
 
 
 def _gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, scale: torch.Tensor,
@@ -130,17 +138,21 @@ def _gemm_fake(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, sca
     return x.new_empty((x.shape[0], scale.shape[0]))
 
 
-def _register() -> torch.library.Library:
-    lib = torch.library.Library("kbit", "FRAGMENT")
-    lib.define("gemm" + torch.library.infer_schema(gemm, mutates_args=()))
+# Every op of the namespace, defined on one Library kept alive for the process (ops live as long as it).
+_LIBRARY = torch.library.Library("kbit", "FRAGMENT")
+
+
+def _define_op(name: str, impl, fake) -> None:
+    """torch.ops.kbit.<name>: one Python impl for CPU and CUDA (it branches on the device), a shape-only fake."""
+    if hasattr(torch.ops.kbit, name):  # already defined in this process
+        return
+    _LIBRARY.define(name + torch.library.infer_schema(impl, mutates_args=()))
     for key in ("CPU", "CUDA"):
-        lib.impl("gemm", gemm, key)
-    lib._register_fake("gemm", _gemm_fake)
-    return lib
+        _LIBRARY.impl(name, impl, key)
+    _LIBRARY._register_fake(name, fake)
 
 
-# Kept alive for the process: the ops live as long as this Library object.
-_LIBRARY = _register() if not hasattr(torch.ops.kbit, "gemm") else None
+_define_op("gemm", gemm, _gemm_fake)
 
 
 # ===================================================================================================
@@ -161,17 +173,6 @@ MOE_ACTIVATIONS = {
 def check_moe_activation(activation: str) -> None:
     if activation not in MOE_ACTIVATIONS:
         raise ValueError(f"kbit MoE experts support the activations {', '.join(MOE_ACTIVATIONS)}; got {activation!r}")
-
-
-def _decode_cpu_layout(qweight: torch.Tensor, block_scale: torch.Tensor, codebook: torch.Tensor,
-                       dtype: torch.dtype) -> torch.Tensor:
-    """The CPU layout (uint8 indices [..., N, K], fp32 block scales [..., N, K/32]) decoded to ``dtype``.
-
-    Rounded to ``dtype`` from the fp32 product, exactly as format.dequantize(..., dtype) does.
-    """
-    *lead, n, k = qweight.shape
-    values = codebook[qweight.long()].view(*lead, n, k // kfmt.BLOCK_SIZE, kfmt.BLOCK_SIZE)
-    return (values * block_scale.unsqueeze(-1)).view(*lead, n, k).to(dtype)
 
 
 def _moe_experts_cpu(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -261,14 +262,4 @@ def _moe_experts_fake(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: tor
     return torch.empty_like(x)
 
 
-def _register_moe() -> torch.library.Library:
-    lib = torch.library.Library("kbit", "FRAGMENT")
-    lib.define("moe_experts" + torch.library.infer_schema(moe_experts, mutates_args=()))
-    for key in ("CPU", "CUDA"):
-        lib.impl("moe_experts", moe_experts, key)
-    lib._register_fake("moe_experts", _moe_experts_fake)
-    return lib
-
-
-# Kept alive for the process, like _LIBRARY.
-_MOE_LIBRARY = _register_moe() if not hasattr(torch.ops.kbit, "moe_experts") else None
+_define_op("moe_experts", moe_experts, _moe_experts_fake)
