@@ -36,6 +36,13 @@ LLAMA3_8B = LlamaShape(4096, 14336, 32, 32, 8, 128256)
 TINY_LLAMA = LlamaShape(256, 512, 2, 4, 2, 1024, max_position_embeddings=512, rope_theta=10000.0)
 
 
+def _attention_tensors(p: str, h: int, q: int, kv: int, dtype: torch.dtype) -> list[tuple[str, torch.dtype, list[int]]]:
+    """The norms and attention projections of decoder layer prefix ``p`` (Llama naming)."""
+    return [(p + "input_layernorm.weight", dtype, [h]), (p + "post_attention_layernorm.weight", dtype, [h]),
+            (p + "self_attn.q_proj.weight", dtype, [q, h]), (p + "self_attn.k_proj.weight", dtype, [kv, h]),
+            (p + "self_attn.v_proj.weight", dtype, [kv, h]), (p + "self_attn.o_proj.weight", dtype, [h, q])]
+
+
 def llama_tensors(shape: LlamaShape, dtype: torch.dtype) -> list[tuple[str, torch.dtype, list[int]]]:
     h, i = shape.hidden_size, shape.intermediate_size
     hd = shape.head_dim or h // shape.num_attention_heads
@@ -43,10 +50,8 @@ def llama_tensors(shape: LlamaShape, dtype: torch.dtype) -> list[tuple[str, torc
     plan = [("model.embed_tokens.weight", dtype, [shape.vocab_size, h])]
     for layer in range(shape.num_hidden_layers):
         p = f"model.layers.{layer}."
-        plan += [(p + "input_layernorm.weight", dtype, [h]), (p + "post_attention_layernorm.weight", dtype, [h]),
-                 (p + "self_attn.q_proj.weight", dtype, [q, h]), (p + "self_attn.k_proj.weight", dtype, [kv, h]),
-                 (p + "self_attn.v_proj.weight", dtype, [kv, h]), (p + "self_attn.o_proj.weight", dtype, [h, q]),
-                 (p + "mlp.gate_proj.weight", dtype, [i, h]), (p + "mlp.up_proj.weight", dtype, [i, h]),
+        plan += _attention_tensors(p, h, q, kv, dtype)
+        plan += [(p + "mlp.gate_proj.weight", dtype, [i, h]), (p + "mlp.up_proj.weight", dtype, [i, h]),
                  (p + "mlp.down_proj.weight", dtype, [h, i])]
     plan.append(("model.norm.weight", dtype, [h]))
     if not shape.tie_word_embeddings:
@@ -112,10 +117,8 @@ def moe_tensors(shape: MoeShape, dtype: torch.dtype, qk_norm_per_head: bool) -> 
     plan = [("model.embed_tokens.weight", dtype, [shape.vocab_size, h])]
     for layer in range(shape.num_hidden_layers):
         p = f"model.layers.{layer}."
-        plan += [(p + "input_layernorm.weight", dtype, [h]), (p + "post_attention_layernorm.weight", dtype, [h]),
-                 (p + "self_attn.q_proj.weight", dtype, [q, h]), (p + "self_attn.k_proj.weight", dtype, [kv, h]),
-                 (p + "self_attn.v_proj.weight", dtype, [kv, h]), (p + "self_attn.o_proj.weight", dtype, [h, q]),
-                 (p + "self_attn.q_norm.weight", dtype, [hd if qk_norm_per_head else q]),
+        plan += _attention_tensors(p, h, q, kv, dtype)
+        plan += [(p + "self_attn.q_norm.weight", dtype, [hd if qk_norm_per_head else q]),
                  (p + "self_attn.k_norm.weight", dtype, [hd if qk_norm_per_head else kv]),
                  (p + "mlp.gate.weight", dtype, [shape.num_experts, h])]
         for e in range(shape.num_experts):
