@@ -91,11 +91,61 @@ void mma(uintptr_t out, uintptr_t x, uintptr_t qweight, uintptr_t absmax, uintpt
                as_stream(stream));
 }
 
+void moe_experts(uintptr_t out, uintptr_t x, uintptr_t hidden, uintptr_t pair_out, uintptr_t topk_ids,
+                 uintptr_t topk_weights, uintptr_t w13_qweight, uintptr_t w13_absmax, uintptr_t w13_scale,
+                 uintptr_t w2_qweight, uintptr_t w2_absmax, uintptr_t w2_scale, uintptr_t codebook, int64_t m,
+                 int64_t top_k, int64_t experts, int64_t hidden_size, int64_t intermediate, int bits, int activation,
+                 int dtype, uintptr_t stream) {
+    const std::string fn = "moe_experts";
+    if (experts < 1 || experts > kbit::kMoeMaxExperts) {
+        fail(fn, "the number of experts must be in 1.." + std::to_string(kbit::kMoeMaxExperts) + ", got " +
+                     std::to_string(experts));
+    }
+    if (intermediate <= 0 || intermediate % 32) {
+        fail(fn, "the intermediate size must be a positive multiple of 32, got " + std::to_string(intermediate));
+    }
+    // The stacked experts are checked as one [E * N, K] weight each.
+    const kbit::KernelWeight w13 = check_weight(fn, w13_qweight, w13_absmax, w13_scale, codebook,
+                                                experts * 2 * intermediate, hidden_size, bits);
+    const kbit::KernelWeight w2 =
+        check_weight(fn, w2_qweight, w2_absmax, w2_scale, codebook, experts * hidden_size, intermediate, bits);
+    const DType dt = check_dtype(fn, dtype);
+    if (m < 1 || m > kbit::kMmaMaxM) {
+        fail(fn, "M (tokens) must be in 1.." + std::to_string(kbit::kMmaMaxM) + ", got " + std::to_string(m));
+    }
+    if (top_k < 1 || m * top_k > kbit::kMoeMaxPairs) {
+        fail(fn, "M * top_k must be in 1.." + std::to_string(kbit::kMoeMaxPairs) + ", got " + std::to_string(m) +
+                     " * " + std::to_string(top_k));
+    }
+    if (activation < kbit::kMoeSilu || activation > kbit::kMoeGeluTanh) {
+        fail(fn, "activation must be 0 (silu), 1 (gelu) or 2 (gelu_tanh), got " + std::to_string(activation));
+    }
+    check_pointer(fn, "x", x, 16);
+    check_pointer(fn, "hidden", hidden, 16);
+    check_pointer(fn, "pair_out", pair_out, 4);
+    check_pointer(fn, "topk_ids", topk_ids, 4);
+    check_pointer(fn, "topk_weights", topk_weights, 4);
+    check_pointer(fn, "out", out, 2);
+    use_device_of(fn, out);
+    const kbit::MoeRouting routing{reinterpret_cast<const int32_t*>(topk_ids),
+                                   reinterpret_cast<const float*>(topk_weights), static_cast<int>(m),
+                                   static_cast<int>(top_k), static_cast<int>(experts)};
+    // Per expert from here on.
+    kbit::KernelWeight w13_expert = w13, w2_expert = w2;
+    w13_expert.n = static_cast<int>(2 * intermediate);
+    w2_expert.n = static_cast<int>(hidden_size);
+    kbit::moe_experts(reinterpret_cast<void*>(out), reinterpret_cast<const void*>(x), reinterpret_cast<void*>(hidden),
+                      reinterpret_cast<float*>(pair_out), routing, w13_expert, w2_expert, activation, dt,
+                      as_stream(stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, mod) {
     mod.doc() = "kbit CUDA kernels (raw device pointers; see kernels/bindings.cpp)";
     mod.attr("MMA_MAX_M") = kbit::kMmaMaxM;
+    mod.attr("MOE_MAX_PAIRS") = kbit::kMoeMaxPairs;
+    mod.attr("MOE_MAX_EXPERTS") = kbit::kMoeMaxExperts;
     mod.def("dequantize", &dequantize,
             "out [N, K] (dtype) = dense weight decoded from the kernel layout, equal to format.dequantize rounded "
             "to dtype.",
@@ -107,4 +157,15 @@ PYBIND11_MODULE(_C, mod) {
             py::arg("out"), py::arg("x"), py::arg("qweight"), py::arg("absmax"), py::arg("scale"),
             py::arg("codebook"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("dtype"),
             py::arg("stream"));
+    mod.def("moe_experts", &moe_experts,
+            "out [M, H] = sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(x[m]) for M in 1..16, M * top_k <= "
+            "MOE_MAX_PAIRS: grouped gate/up with the activation fused (0 silu, 1 gelu, 2 gelu_tanh), down with the "
+            "routing weights, sum over top_k. Weights: E stacked experts in the kernel layout (w13 [E, 2I, H], w2 "
+            "[E, H, I]); topk_ids int32, topk_weights fp32 [M, top_k]; workspace hidden [M * top_k, I] of dtype "
+            "and pair_out fp32 [M * top_k, H].",
+            py::arg("out"), py::arg("x"), py::arg("hidden"), py::arg("pair_out"), py::arg("topk_ids"),
+            py::arg("topk_weights"), py::arg("w13_qweight"), py::arg("w13_absmax"), py::arg("w13_scale"),
+            py::arg("w2_qweight"), py::arg("w2_absmax"), py::arg("w2_scale"), py::arg("codebook"), py::arg("M"),
+            py::arg("top_k"), py::arg("experts"), py::arg("hidden_size"), py::arg("intermediate_size"),
+            py::arg("bits"), py::arg("activation"), py::arg("dtype"), py::arg("stream"));
 }

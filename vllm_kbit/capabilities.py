@@ -38,6 +38,45 @@ GPU_TIERS = (
 )
 CPU_TIER = Tier("cpu_dequant_matmul", 1, 1 << 62, 0, "dequantize + torch matmul (CPU)")
 
+# MoE experts (torch.ops.kbit.moe_experts). The grouped kernel reads each used expert once for all of its tokens;
+# it needs the limits below (kernels/kbit_ops.h), otherwise every expert is decoded and vLLM's fused MoE runs.
+MOE_GPU_TIERS = (
+    Tier("moe_grouped_mma", 1, 16, 80, "grouped fused dequant + MMA over the used experts"),
+    Tier("moe_dequant_fused", 1, 1 << 62, 80, "dequantize all experts + vLLM fused_experts"),
+)
+MOE_CPU_TIER = Tier("moe_cpu_dequant_matmul", 1, 1 << 62, 0, "used experts dequantized + torch matmul (CPU)")
+MOE_MAX_PAIRS = 256          # tokens * top_k per call
+MOE_MAX_EXPERTS = 1024       # local experts per layer
+MOE_INTERMEDIATE_ALIGN = 32  # intermediate size per rank: gate and up row tiles pair up
+
+
+def moe_grouped_limits(top_k: int, experts: int, intermediate: int) -> str | None:
+    """Why the grouped MoE kernel cannot run this layer at any M (None: it can, for M <= its max_m)."""
+    if experts > MOE_MAX_EXPERTS:
+        return f"{experts} local experts (> {MOE_MAX_EXPERTS})"
+    if intermediate % MOE_INTERMEDIATE_ALIGN:
+        return f"intermediate size per rank {intermediate} is not a multiple of {MOE_INTERMEDIATE_ALIGN}"
+    if top_k > MOE_MAX_PAIRS:
+        return f"top_k {top_k} > {MOE_MAX_PAIRS}"
+    return None
+
+
+def moe_tier(m: int, top_k: int, experts: int, intermediate: int) -> Tier:
+    grouped, fallback = MOE_GPU_TIERS
+    if (m <= grouped.max_m and m * top_k <= MOE_MAX_PAIRS
+            and moe_grouped_limits(top_k, experts, intermediate) is None):
+        return grouped
+    return fallback
+
+
+def describe_moe_plan(top_k: int, experts: int, intermediate: int) -> str:
+    grouped, fallback = MOE_GPU_TIERS
+    why_not = moe_grouped_limits(top_k, experts, intermediate)
+    if why_not is not None:
+        return f"every M: {fallback.name} ({fallback.what}; the grouped kernel cannot: {why_not})"
+    last = min(grouped.max_m, MOE_MAX_PAIRS // top_k)
+    return f"M=1..{last}: {grouped.name}, M={last + 1}..: {fallback.name} ({fallback.what})"
+
 
 def available_tiers(capability: int, compiled: frozenset[str]) -> tuple[Tier, ...]:
     """Tiers usable on a GPU of this capability, given the kernel entry points compiled into _C.
@@ -101,5 +140,6 @@ def check_partition(in_features: int, out_features: int, layer: str, tp_size: in
         )
 
 
-__all__ = ["SUPPORTED_BITS", "GPU_TIERS", "CPU_TIER", "Tier", "available_tiers", "describe_tiers",
+__all__ = ["SUPPORTED_BITS", "GPU_TIERS", "CPU_TIER", "MOE_GPU_TIERS", "MOE_CPU_TIER", "Tier", "moe_tier",
+           "describe_moe_plan", "available_tiers", "describe_tiers",
            "check_gpu_capability", "check_act_dtype", "check_partition", "MIN_CUDA_CAPABILITY"]

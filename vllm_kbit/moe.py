@@ -174,8 +174,8 @@ class KbitMoEMethod(FusedMoEMethodBase):
     def _log_plan(self, packed: dict[str, kfmt.KbitTensor], device: torch.device) -> None:
         experts, n13 = packed["w13"].scale.shape
         n2 = packed["w2"].scale.shape[1]
-        plan = ("FALLBACK: all experts dequantized per call + vLLM fused_experts (no grouped kbit kernel yet)"
-                if device.type == "cuda" else "used experts dequantized + torch matmul (CPU)")
+        plan = (capabilities.describe_moe_plan(self.moe.experts_per_token, experts, n13 // 2)
+                if device.type == "cuda" else f"{capabilities.MOE_CPU_TIER.name} ({capabilities.MOE_CPU_TIER.what})")
         logger.info_once("kbit: MoE experts %d x (w13 %dx%d, w2 %dx%d), k=%d on %s -> %s", experts, n13,
                          packed["w13"].in_features, n2, packed["w2"].in_features, self.bits, device.type, plan)
 

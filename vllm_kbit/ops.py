@@ -217,13 +217,13 @@ def _decode_kernel_layout_cuda(qweight: torch.Tensor, absmax: torch.Tensor, scal
     return out
 
 
-def _moe_experts_cuda(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                      w13_qweight: torch.Tensor, w13_absmax: torch.Tensor, w13_scale: torch.Tensor,
-                      w2_qweight: torch.Tensor, w2_absmax: torch.Tensor, w2_scale: torch.Tensor,
-                      codebook: torch.Tensor, bits: int, activation: str) -> torch.Tensor:
-    # FALLBACK, to be replaced by the grouped kbit MoE kernel: decode every expert of the layer into a
-    # temporary 16-bit copy, then run vLLM's own (Triton) fused MoE on it. Correct and free of host syncs
-    # (CUDA-graph safe), but it writes and reads the layer's full 16-bit expert weights on every call.
+def _moe_experts_dequant_fused(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                               w13_qweight: torch.Tensor, w13_absmax: torch.Tensor, w13_scale: torch.Tensor,
+                               w2_qweight: torch.Tensor, w2_absmax: torch.Tensor, w2_scale: torch.Tensor,
+                               codebook: torch.Tensor, bits: int, activation: str) -> torch.Tensor:
+    # Large M (or a layer outside the grouped kernel's limits): decode every expert of the layer into a temporary
+    # 16-bit copy, then vLLM's own (Triton) fused MoE. With many tokens most experts are used anyway; free of host
+    # syncs (CUDA-graph safe), but it writes and reads the layer's 16-bit expert weights on every call.
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
 
@@ -232,6 +232,33 @@ def _moe_experts_cuda(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: tor
     w2 = _decode_kernel_layout_cuda(w2_qweight, w2_absmax, w2_scale, codebook, bits, intermediate, x.dtype)
     return fused_experts(x, w13, w2, topk_weights, topk_ids, activation=MoEActivation(activation),
                          global_num_experts=w13.shape[0])
+
+
+_MOE_ACTIVATION_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # kernels/kbit_ops.h MoeActivation
+
+
+def _moe_experts_grouped(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                         w13_qweight: torch.Tensor, w13_absmax: torch.Tensor, w13_scale: torch.Tensor,
+                         w2_qweight: torch.Tensor, w2_absmax: torch.Tensor, w2_scale: torch.Tensor,
+                         codebook: torch.Tensor, bits: int, activation: str) -> torch.Tensor:
+    m, hidden = x.shape
+    experts, top_k, intermediate = w13_scale.shape[0], topk_ids.shape[1], w13_scale.shape[1] // 2
+    x = x.contiguous()
+    topk_ids = topk_ids.to(torch.int32).contiguous()  # no-ops for vLLM's int32 ids and fp32 weights
+    topk_weights = topk_weights.to(torch.float32).contiguous()
+    out = torch.empty_like(x)
+    workspace_hidden = torch.empty((m * top_k, intermediate), dtype=x.dtype, device=x.device)
+    pair_out = torch.empty((m * top_k, hidden), dtype=torch.float32, device=x.device)
+    _C.moe_experts(out.data_ptr(), x.data_ptr(), workspace_hidden.data_ptr(), pair_out.data_ptr(),
+                   topk_ids.data_ptr(), topk_weights.data_ptr(), w13_qweight.data_ptr(), w13_absmax.data_ptr(),
+                   w13_scale.data_ptr(), w2_qweight.data_ptr(), w2_absmax.data_ptr(), w2_scale.data_ptr(),
+                   codebook.data_ptr(), m, top_k, experts, hidden, intermediate, bits,
+                   _MOE_ACTIVATION_CODE[activation], _DTYPE_CODE[x.dtype],
+                   torch.cuda.current_stream(x.device).cuda_stream)
+    return out
+
+
+_MOE_GPU_IMPLS = {"moe_grouped_mma": _moe_experts_grouped, "moe_dequant_fused": _moe_experts_dequant_fused}
 
 
 def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -249,8 +276,9 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
         return torch.empty_like(x)
     if x.is_cuda:
         require_kernels()
-        return _moe_experts_cuda(x, topk_weights, topk_ids, w13_qweight, w13_absmax, w13_scale, w2_qweight,
-                                 w2_absmax, w2_scale, codebook, bits, activation)
+        tier = capabilities.moe_tier(x.shape[0], topk_ids.shape[1], w13_scale.shape[0], w13_scale.shape[1] // 2)
+        return _MOE_GPU_IMPLS[tier.name](x, topk_weights, topk_ids, w13_qweight, w13_absmax, w13_scale,
+                                         w2_qweight, w2_absmax, w2_scale, codebook, bits, activation)
     return _moe_experts_cpu(x, topk_weights, topk_ids, w13_qweight, w13_absmax, w2_qweight, w2_absmax,
                             codebook, activation)
 

@@ -1,0 +1,489 @@
+// The fused dequant + tensor-core MMA machinery shared by the dense MMA tier (mma.cu) and the grouped MoE kernel
+// (moe.cu): lookup tables, fragment decode, and one persistent kernel that a "Problem" specializes (which row
+// tiles form a unit, which activation rows a unit reads, what happens to the finished sums).
+//
+// Product. Per 32 x 32 block (32 rows, one quantization block of inputs) of a tile, each lane of the warp holds
+// the A fragments of mma.sync m16n8k16 for two 16-row halves x two 16-input steps (the layout's lane map,
+// kbit_format.cuh), x supplies the B fragments (tokens as the n8 columns; M > 8 takes two), and the fp32
+// accumulators of the block are multiplied by the rows' absmax and added to the running sums: one FFMA per
+// accumulator per block. The row scale is applied once per output. Activations enter the MMA in their own dtype
+// (fp16 or bf16), so no range scaling is needed; the codebook is rounded to that dtype.
+//
+// Decode. A shared-memory table maps a key, the contiguous stream field of several adjacent weights, to their
+// codebook values as packed 16-bit pairs: k=2 keys 4 weights (8 bits, 8-byte entries: two A registers), k=3 and
+// k=4 key a pair (6 / 8 bits: one A register), k=5 keys single weights (a 1024-entry pair table would not fit)
+// and two lookups are merged with one byte permute. Each entry has a row of 32 copies, and lane l reads copy l,
+// so lookups never conflict. Byte-sized keys (k=2, k=4) become table offsets in one byte permute (key at bits
+// 8-15: 256-byte rows, the copies below); other keys take a shift and a mask (128-byte rows). Tables: k=2 and
+// k=4 64 KB (k=4 uses half of each row), k=3 8 KB, k=5 4 KB.
+//
+// Work split. The unit of work is a set of row tiles (32 rows each) over all of K, so a unit ends in finished
+// outputs: no workspace, no atomics, deterministic. The warps of a block split a unit's column tiles (K-slices)
+// and their sums meet in shared memory at the unit's end, where the Problem stores them. Blocks are persistent,
+// one per multiprocessor with kWarps warps (the table is built once per block), and take units blockIdx.x,
+// blockIdx.x + gridDim.x, ... Each lane streams its tiles, unit after unit, through a ring of tiles held in
+// registers (about 64 KB in flight per multiprocessor): the ring is filled before the table is built, and a slot
+// is refilled with the lane's next tile (also one of the next unit) as soon as it is decoded. Activations are
+// read per block straight from global memory through L1 (they are small and shared by every row tile).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <array>
+
+#include "kbit_format.cuh"
+#include "kbit_ops.h"
+
+namespace kbit {
+namespace mma_core {
+
+constexpr int kWarps = 16;
+constexpr int kThreads = kWarps * 32;
+// Floats per (warp, token) row of the partial sums: 32 rows + 1 (at most 2 lanes of a warp store to one bank), so
+// that the largest table and the partial sums of M = 16 fit the 99 KB of shared memory of sm_86 / sm_89.
+constexpr int kPartialStride = kTileRows + 1;
+
+template <int BITS>
+struct Lut {
+    static constexpr int kKeyWeights = BITS == 2 ? 4 : BITS == 5 ? 1 : 2;
+    static constexpr int kKeyBits = BITS * kKeyWeights;
+    static constexpr int kEntryBytes = kKeyWeights == 4 ? 8 : 4;
+    static constexpr int kRowShift = kKeyBits == 8 ? 8 : 7;           // bytes per entry row: 256 or 128
+    static constexpr int kBytes = (1 << kKeyBits) << kRowShift;
+    static constexpr int kRowVectors = 32 * kEntryBytes / 16;         // 16-byte vectors of copies per row
+    static constexpr int kVectors = (1 << kKeyBits) * kRowVectors;   // vectors written by build_lut
+    static_assert(kVectors % 32 == 0, "build_lut runs whole warps");
+};
+
+// Tiles in flight per lane: 4 * BITS registers each, about 32-40 registers of ring whatever BITS.
+template <int BITS>
+constexpr int kRingDepth = BITS == 2 ? 4 : BITS == 3 ? 3 : 2;
+
+// What every problem shares: the weight (in the kernel layout; several stacked weights form one [E * N, K] layout)
+// and the work split. Problem-specific pointers and the output live in the Problem (see mma_kernel).
+struct MmaParams {
+    const uint4* qweight;
+    const uint4* absmax;
+    const float* scale;
+    const float* codebook;
+    int m;            // activation rows (tokens) per unit, <= kMmaMaxM: sizes the partial sums
+    int k, groups;
+    int slices_log2;  // K-slices (warps) per row tile; a unit is kWarps >> slices_log2 row tiles
+    int steps;        // column tiles per K-slice and row tile: ceil(groups / slices)
+};
+
+// What differs between fp16 and bf16 activations.
+template <typename T>
+struct Act;
+
+template <>
+struct Act<__half> {
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        const __half2 h = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<const uint32_t*>(&h);
+    }
+    static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                                               const float (&c)[4]) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%10, %11, %12, %13};"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+              "f"(c[3]));
+    }
+    static __device__ __forceinline__ void store(void* out, long long i, float v) {
+        static_cast<__half*>(out)[i] = __float2half_rn(v);
+    }
+};
+
+template <>
+struct Act<__nv_bfloat16> {
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<const uint32_t*>(&h);
+    }
+    static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                                               const float (&c)[4]) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%10, %11, %12, %13};"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+              "f"(c[3]));
+    }
+    static __device__ __forceinline__ void store(void* out, long long i, float v) {
+        static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16_rn(v);
+    }
+};
+
+// Weights are read once: keep them out of L1.
+__device__ __forceinline__ uint4 load_streaming(const uint4* ptr) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(ptr));
+    return v;
+}
+
+template <int BITS>
+__device__ __forceinline__ void load_tile(const uint4* src, uint32_t (&w)[4 * BITS]) {
+#pragma unroll
+    for (int v = 0; v < BITS; ++v) {
+        const uint4 q = load_streaming(src + v * 32);
+        w[4 * v] = q.x, w[4 * v + 1] = q.y, w[4 * v + 2] = q.z, w[4 * v + 3] = q.w;
+    }
+}
+
+// cb: codebook[lane mod 2^BITS], so that any lane can fetch any codebook value with one shuffle.
+template <int BITS, typename T>
+__device__ void build_lut(uint4* lut, float cb) {
+    using L = Lut<BITS>;
+    constexpr int kMask = (1 << BITS) - 1;
+    for (int q = threadIdx.x; q < L::kVectors; q += kThreads) {
+        const int key = q / L::kRowVectors;
+        const auto value = [&](int index) { return __shfl_sync(~0u, cb, index); };
+        uint4 v;
+        if constexpr (L::kKeyWeights == 4) {
+            const uint32_t lo = Act<T>::pack(value(key & kMask), value((key >> BITS) & kMask));
+            const uint32_t hi = Act<T>::pack(value((key >> 2 * BITS) & kMask), value(key >> 3 * BITS));
+            v = make_uint4(lo, hi, lo, hi);
+        } else {
+            const uint32_t pair = L::kKeyWeights == 2 ? Act<T>::pack(value(key & kMask), value(key >> BITS))
+                                                      : Act<T>::pack(value(key), value(key));
+            v = make_uint4(pair, pair, pair, pair);
+        }
+        lut[(key << L::kRowShift) / 16 + q % L::kRowVectors] = v;
+    }
+}
+
+// Table reads by 32-bit shared-window address (volatile: they must stay behind the barrier after the table build).
+__device__ __forceinline__ uint32_t lut_word(uint32_t address) {
+    uint32_t v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(address));
+    return v;
+}
+
+__device__ __forceinline__ uint2 lut_word_pair(uint32_t address) {
+    uint2 v;
+    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(address));
+    return v;
+}
+
+// Table address (this lane's copy) of the key whose stream field starts at bit `pos`.
+template <int BITS, int NW>
+__device__ __forceinline__ uint32_t key_address(const uint32_t (&w)[NW], int pos, uint32_t lut, uint32_t copy_bytes) {
+    if constexpr (Lut<BITS>::kRowShift == 8) {
+        // result bytes: copy_bytes (< 256), the key byte, 0, 0
+        return lut + __byte_perm(w[pos / 32], copy_bytes, 0x5504 | (pos / 8 % 4) << 4);
+    } else {
+        return lut + (stream_field(w, pos, Lut<BITS>::kKeyBits, Lut<BITS>::kRowShift) | copy_bytes);
+    }
+}
+
+// The A fragment of rows j = 2 rt (registers 0, 2) and 2 rt + 1 (registers 1, 3), inputs t = 4 s + 0..3
+// (registers 0, 1: t = 4 s, 4 s + 1; registers 2, 3: t = 4 s + 2, 4 s + 3) of block b.
+template <int BITS>
+__device__ __forceinline__ void a_fragment(const uint32_t (&w)[4 * BITS], int b, int rt, int s, uint32_t lut,
+                                           uint32_t copy_bytes, uint32_t (&a)[4]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int j = 2 * rt + h;
+        if constexpr (Lut<BITS>::kKeyWeights == 4) {
+            const uint2 v = lut_word_pair(key_address<BITS>(w, BITS * stream_index(b, j, 4 * s), lut, copy_bytes));
+            a[h] = v.x, a[2 + h] = v.y;
+        } else {
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                const int t = 4 * s + 2 * q;
+                if constexpr (Lut<BITS>::kKeyWeights == 2) {
+                    a[2 * q + h] = lut_word(key_address<BITS>(w, BITS * stream_index(b, j, t), lut, copy_bytes));
+                } else {
+                    const uint32_t lo = lut_word(key_address<BITS>(w, BITS * stream_index(b, j, t), lut, copy_bytes));
+                    const uint32_t hi =
+                        lut_word(key_address<BITS>(w, BITS * stream_index(b, j, t + 1), lut, copy_bytes));
+                    a[2 * q + h] = __byte_perm(lo, hi, 0x5410);  // low halves: (value t, value t + 1)
+                }
+            }
+        }
+    }
+}
+
+// acc += this lane's share of tile (rowtile, column tile kt) . x: acc[rt][nt][i] is row 16 rt + 8 (i / 2) + G,
+// token 8 nt + 2 c + i % 2 (the mma accumulator layout).
+// x_lane[nt]: this lane's 16-byte activations of token G + 8 nt, column tile 0 (null where the token is >= M).
+template <int BITS, int NT, typename T>
+__device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32_t (&w)[4 * BITS], uint4 codes,
+                                                int kt, const uint4* const (&x_lane)[NT], uint32_t lut,
+                                                uint32_t copy_bytes, float (&acc)[2][NT][4]) {
+    constexpr float kZero[4] = {0.f, 0.f, 0.f, 0.f};
+    // No branch between the blocks, so that the compiler can overlap one block's lookups with another's MMAs: K
+    // padding blocks multiply zero activations (and have absmax 0).
+#pragma unroll
+    for (int b = 0; b < kTileBlocks; ++b) {
+        const bool inside = kt * kTileK + b * kBlockSize < p.k;
+        // B fragments: token G + 8 nt, inputs 8 c .. 8 c + 7 of the block (steps s = 0, 1 take halves)
+        uint4 xf[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            xf[nt] = inside && x_lane[nt] != nullptr ? __ldg(x_lane[nt] + kt * (kTileK / 8) + b * (kBlockSize / 8))
+                                                     : make_uint4(0, 0, 0, 0);
+        }
+        // absmax / 16 of rows j = 0..3 (byte j of the block's code word)
+        const uint32_t word = b == 0 ? codes.x : b == 1 ? codes.y : b == 2 ? codes.z : codes.w;
+        uint32_t h01 = e4m4_pair_as_half2_div16(__byte_perm(word, 0, 0x4140));
+        uint32_t h23 = e4m4_pair_as_half2_div16(__byte_perm(word, 0, 0x4342));
+        const float2 s01 = __half22float2(*reinterpret_cast<const __half2*>(&h01));
+        const float2 s23 = __half22float2(*reinterpret_cast<const __half2*>(&h23));
+        const float absmax[kLaneRows] = {s01.x, s01.y, s23.x, s23.y};
+
+#pragma unroll
+        for (int rt = 0; rt < 2; ++rt) {
+            float block_acc[NT][4];
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+                uint32_t a[4];
+                a_fragment<BITS>(w, b, rt, s, lut, copy_bytes, a);
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    if (s == 0) {
+                        Act<T>::mma(block_acc[nt], a, xf[nt].x, xf[nt].y, kZero);
+                    } else {
+                        Act<T>::mma(block_acc[nt], a, xf[nt].z, xf[nt].w, block_acc[nt]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    acc[rt][nt][i] = fmaf(block_acc[nt][i], absmax[2 * rt + i / 2], acc[rt][nt][i]);
+                }
+            }
+        }
+    }
+}
+
+// The persistent kernel. Problem (a trivially copyable struct, passed by value) provides:
+//   struct Shared                    its per-block shared memory (after the table and the partial sums);
+//   setup(Shared&)                   run by all threads first (may synchronize the block);
+//   units(const Shared&)             the number of units;
+//   rowtile(const Shared&, unit, sub) the row tile (of the stacked layout) that the warps `sub` (0 ..
+//                                    kWarps >> slices_log2) of `unit` decode, or -1 (none; also for unit >= units);
+//   begin_unit(Shared&, p, unit, warp, lane, x_lane, slot_factor)
+//                                    per warp, before the unit is decoded: this lane's activation pointers
+//                                    (x_lane[nt]: 16-byte activations of token G + 8 nt, column tile 0, at input
+//                                    8 c; null where there is no token) and the factor of token `lane`'s outputs
+//                                    (slot_factor, e.g. a routing weight; 1 for none);
+//   store<T>(const Shared&, partial, p, unit)
+//                                    all threads, once the unit's partial sums are in shared memory (sum them
+//                                    with slice_sum: row scale and token factor are applied); the block
+//                                    synchronizes before and after.
+// The row scales of a unit and the token factors are loaded when the unit starts and applied to the sums before
+// they go to shared memory, so that no global load stands between the unit's last MMA and its stores.
+template <class Problem, int BITS, int NT, typename T>
+__global__ void __launch_bounds__(kThreads, 1) mma_kernel(const MmaParams p, const Problem prob) {
+    extern __shared__ uint4 smem[];  // the table (Lut<BITS>::kBytes), the partial sums [kWarps][p.m][kPartialStride],
+                                     // then Problem::Shared
+    uint4* lut = smem;
+    float* partial = reinterpret_cast<float*>(smem + Lut<BITS>::kBytes / 16);
+    auto& shared = *reinterpret_cast<typename Problem::Shared*>(partial + kWarps * p.m * kPartialStride);
+    constexpr int R = kRingDepth<BITS>;
+
+    // The warp index through a shuffle from lane 0: provably uniform across the warp to the compiler, so per-warp
+    // values and branches use the uniform datapath, and the table base folds into each lookup ([R + UR]).
+    const int lane = threadIdx.x & 31, warp = __shfl_sync(~0u, threadIdx.x >> 5, 0);
+    const int G = lane >> 2;
+    const int slices = 1 << p.slices_log2;
+    const int slice = warp & (slices - 1), sub = warp >> p.slices_log2;  // K-slice, row tile within the unit
+    prob.setup(shared);
+    const int units = prob.units(shared);
+    // The warp's items are (unit, step t): column tile slice + t * slices of its row tile, p.steps per unit. Warps
+    // whose tile is outside the weight skip it, so that all warps walk the same sequence and reach unit ends
+    // together.
+    const int items = (units - blockIdx.x + gridDim.x - 1) / gridDim.x * p.steps;
+    if (items == 0) return;  // uniform across the block
+
+    uint32_t w[R][4 * BITS];
+    uint4 codes[R];
+    // The next item to load: its row tile, column tile and addresses.
+    int load_unit = blockIdx.x, load_step = 0, load_rowtile = 0, load_kt = 0;
+    const uint4* load_weights = nullptr;
+    const uint4* load_codes = nullptr;
+    const auto start_unit = [&]() {
+        load_rowtile = prob.rowtile(shared, load_unit, sub), load_kt = slice;
+        load_weights = p.qweight + tile_vector_offset(BITS, p.groups, load_rowtile, load_kt, lane);
+        load_codes = p.absmax + tile_absmax_offset(p.groups, load_rowtile, load_kt, G);
+    };
+    const auto load_next = [&](int slot) {
+        if (load_rowtile >= 0 && load_kt < p.groups) {
+            load_tile<BITS>(load_weights, w[slot]);
+            codes[slot] = load_streaming(load_codes);
+        }
+        if (++load_step < p.steps) {
+            load_kt += slices, load_weights += slices * BITS * 32, load_codes += slices * 8;
+        } else {
+            load_step = 0, load_unit += gridDim.x;
+            start_unit();
+        }
+    };
+    start_unit();
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        if (i < items) load_next(i);
+    }
+    build_lut<BITS, T>(lut, __ldg(p.codebook + (lane & ((1 << BITS) - 1))));
+
+    const uint32_t lut_address = static_cast<uint32_t>(__cvta_generic_to_shared(lut));
+    const uint32_t copy_bytes = lane * Lut<BITS>::kEntryBytes;
+    const uint4* x_lane[NT];
+    int unit = blockIdx.x, step = 0;  // the item being decoded
+    int rowtile;
+    float row_scale, slot_factor;  // of row `lane` of the warp's row tile, of token slot `lane`
+    const auto begin_unit = [&]() {
+        rowtile = prob.rowtile(shared, unit, sub);
+        // x 16: the MMA sums carry absmax / 16 (e4m4_pair_as_half2_div16)
+        row_scale = rowtile >= 0 ? __ldg(p.scale + static_cast<long long>(rowtile) * kTileRows + lane) * 16.f : 0.f;
+        prob.begin_unit(shared, p, unit, warp, lane, x_lane, slot_factor);
+    };
+    begin_unit();
+    __syncthreads();  // the table
+    float acc[2][NT][4] = {};
+    for (int base = 0; base < items; base += R) {
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+            if (base + i >= items) break;  // uniform across the block
+            const int kt = slice + step * slices;
+            if (rowtile >= 0 && kt < p.groups) {
+                accumulate_tile<BITS, NT, T>(p, w[i], codes[i], kt, x_lane, lut_address, copy_bytes, acc);
+            }
+            if (base + i + R < items) load_next(i);
+            if (++step < p.steps) continue;
+            // End of the unit: the K-slices' sums, scaled, go through shared memory to the Problem's store.
+            const int c = lane & 3;
+            float scale_of_row[2][2], factor_of_token[NT][2];  // rows 16 rt + 8 h + G, tokens 8 nt + 2 c + i
+#pragma unroll
+            for (int i = 0; i < 4; ++i) scale_of_row[i / 2][i % 2] = __shfl_sync(~0u, row_scale, 8 * i + G);
+#pragma unroll
+            for (int i = 0; i < 2 * NT; ++i) {
+                factor_of_token[i / 2][i % 2] = __shfl_sync(~0u, slot_factor, 8 * (i / 2) + 2 * c + i % 2);
+            }
+#pragma unroll
+            for (int rt = 0; rt < 2; ++rt) {
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) {
+                        const int m = 8 * nt + 2 * c + r % 2, row = 16 * rt + 8 * (r / 2) + G;
+                        if (m < p.m) {
+                            partial[(warp * p.m + m) * kPartialStride + row] =
+                                acc[rt][nt][r] * (scale_of_row[rt][r / 2] * factor_of_token[nt][r % 2]);
+                        }
+                        acc[rt][nt][r] = 0.f;
+                    }
+                }
+            }
+            __syncthreads();
+            prob.template store<T>(shared, partial, p, unit);
+            __syncthreads();
+            step = 0, unit += gridDim.x;
+            if (unit < units) begin_unit();
+        }
+    }
+}
+
+// Sum over the K-slices, in a fixed order, of row `row` (0..31) of row tile `rs` of the unit, token m: the output
+// with its row scale and token factor.
+__device__ __forceinline__ float slice_sum(const float* partial, const MmaParams& p, int rs, int m, int row) {
+    const int slices = 1 << p.slices_log2;
+    float sum = 0.f;
+    for (int q = 0; q < slices; ++q) sum += partial[((rs * slices + q) * p.m + m) * kPartialStride + row];
+    return sum;
+}
+
+// The activation pointer of lane (G, c) for activation row `row` (null for row < 0).
+__device__ __forceinline__ const uint4* lane_activations(const void* x, int k, int row, int c) {
+    return row < 0 ? nullptr
+                   : static_cast<const uint4*>(x) + (static_cast<size_t>(row) * k + kLaneInputs * c) / 8;
+}
+
+constexpr int kMaxDevices = 64;
+
+inline int current_device() {
+    int dev = 0;
+    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+    return dev;
+}
+
+inline int multiprocessors() {
+    static std::array<int, kMaxDevices> cached{};
+    const int dev = current_device();
+    if (dev < kMaxDevices && cached[dev] != 0) return cached[dev];
+    int value = 0;
+    check_cuda(cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+    if (dev < kMaxDevices) cached[dev] = value;
+    return value;
+}
+
+// K-slices per row tile (log2): enough warps for every column tile, up to `max_slices` (then each warp takes
+// several); a block whose warps outnumber the column tiles works on several row tiles at once.
+inline int slices_log2_for(int groups, int max_slices) {
+    int s = 0;
+    while ((1 << s) < groups && (1 << s) < max_slices) ++s;
+    return s;
+}
+
+inline MmaParams make_params(const KernelWeight& w, int m, int max_slices) {
+    const int groups = k_groups(w.k);
+    const int slices_log2 = slices_log2_for(groups, max_slices);
+    const int slices = 1 << slices_log2;
+    return {static_cast<const uint4*>(w.qweight), static_cast<const uint4*>(w.absmax), w.scale, w.codebook, m, w.k,
+            groups, slices_log2, (groups + slices - 1) / slices};
+}
+
+template <class Problem, int BITS, int NT, typename T>
+void launch(const MmaParams& p, const Problem& prob, int grid, cudaStream_t stream) {
+    // Up to 64 KB of table and 33 KB of partial sums: above 48 KB a kernel must opt in. Once per device.
+    constexpr size_t kFixedSmem = Lut<BITS>::kBytes + sizeof(typename Problem::Shared);
+    constexpr size_t kMaxSmem = kFixedSmem + kWarps * kMmaMaxM * kPartialStride * sizeof(float);
+    static std::array<bool, kMaxDevices> opted_in{};
+    const int dev = current_device();
+    if (dev >= kMaxDevices || !opted_in[dev]) {
+        check_cuda(cudaFuncSetAttribute(mma_kernel<Problem, BITS, NT, T>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem),
+                   "cudaFuncSetAttribute(mma_kernel)");
+        if (dev < kMaxDevices) opted_in[dev] = true;
+    }
+    const size_t smem = kFixedSmem + static_cast<size_t>(kWarps) * p.m * kPartialStride * sizeof(float);
+    mma_kernel<Problem, BITS, NT, T><<<grid, kThreads, smem, stream>>>(p, prob);
+    check_cuda(cudaGetLastError(), "mma kernel launch");
+}
+
+// Instantiates the kernel for the runtime bits, token tiles (M <= 8: one n8 tile, else two) and dtype.
+template <class Problem>
+void launch_any(const MmaParams& p, const Problem& prob, int bits, DType dtype, int grid, cudaStream_t stream) {
+    const auto by_bits = [&](auto act) {
+        using T = decltype(act);
+        const auto by_tiles = [&](auto bits_constant) {
+            constexpr int B = decltype(bits_constant)::value;
+            if (p.m > 8) {
+                launch<Problem, B, 2, T>(p, prob, grid, stream);
+            } else {
+                launch<Problem, B, 1, T>(p, prob, grid, stream);
+            }
+        };
+        switch (bits) {
+            case 2: by_tiles(std::integral_constant<int, 2>{}); break;
+            case 3: by_tiles(std::integral_constant<int, 3>{}); break;
+            case 4: by_tiles(std::integral_constant<int, 4>{}); break;
+            case 5: by_tiles(std::integral_constant<int, 5>{}); break;
+            default: throw std::invalid_argument("vllm_kbit: bits must be 2, 3, 4 or 5");
+        }
+    };
+    if (dtype == DType::kFloat16) {
+        by_bits(__half{});
+    } else {
+        by_bits(__nv_bfloat16{});
+    }
+}
+
+}  // namespace mma_core
+}  // namespace kbit

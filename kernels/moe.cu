@@ -1,0 +1,229 @@
+// Grouped MoE experts for M = 1..kMmaMaxM tokens: out [M, H] = sum_j w[m, j] * expert_{id[m, j]}(x[m]), with
+// expert_e(x) = W2_e (act(W1_e x) * (W3_e x)), in three launches and no host synchronization (so a CUDA graph can
+// hold it whatever the routing):
+//   1. gate/up: the MMA kernel of mma_core.cuh over the stacked W13 [E * 2I, H]; a unit is one used expert x some
+//      gate row tiles and their up row tiles (rows I further), so the activation is applied where the sums are
+//      finished, and act(gate) * up goes to hidden [pair, I] (pair = m * top_k + j, in the activation dtype, as
+//      vLLM's fused MoE rounds it);
+//   2. down: the MMA kernel over the stacked W2 [E * H, I]; a unit is one used expert x row tiles, its tokens read
+//      their pair's hidden row, and w[m, j] * (W2_e h) goes to pair_out [pair, H] (fp32);
+//   3. moe_sum: out [m] = sum over the top-k pairs of pair_out, rounded once.
+// Every block finds the used experts itself from topk_ids (a bitmap in shared memory, then a prefix count), so
+// experts without tokens cost nothing and each used expert's weights are read once per launch, for all of its
+// tokens (its token slots are the pairs that chose it, found with a warp ballot when a unit starts). Pairs whose
+// id is outside [0, E) contribute nothing.
+#include <algorithm>
+#include <cmath>
+
+#include "mma_core.cuh"
+
+namespace kbit {
+namespace {
+
+using namespace mma_core;
+
+struct MoeShared {
+    uint32_t used_bits[kMoeMaxExperts / 32];  // bit e: some pair chose expert e
+    int16_t pair_expert[kMoeMaxPairs];        // expert of pair q, -1 for an id outside [0, E)
+    int16_t used_expert[kMoeMaxPairs];        // the used experts, ascending
+    int num_used;
+    uint8_t slot_pair[kWarps][kMmaMaxM];      // per warp: the pair of each token slot of its current unit
+    int slot_count[kWarps];
+};
+static_assert(kMoeMaxPairs <= 256, "slot_pair holds pair indices in bytes");
+
+__device__ __forceinline__ float activate(int activation, float g) {
+    switch (activation) {
+        case kMoeSilu: return g / (1.f + __expf(-g));
+        case kMoeGelu: return 0.5f * g * (1.f + erff(g * 0.70710678118654752f));
+        default: return 0.5f * g * (1.f + tanhf(0.79788456080286536f * (g + 0.044715f * g * g * g)));  // gelu_tanh
+    }
+}
+
+// GATED: the gate/up launch (weights W13, activations x, output hidden); otherwise the down launch (weights W2,
+// activations hidden, output pair_out).
+template <bool GATED>
+struct MoeProblem {
+    using Shared = MoeShared;
+    const int32_t* topk_ids;
+    const float* topk_weights;
+    const void* x;
+    void* out;
+    int pairs, top_k, experts;
+    int rowtiles;       // row tiles per expert (N / 32)
+    int unit_rowtiles;  // row tiles per unit (GATED: half gate, half up)
+    int unit_outputs;   // row tiles of output per unit and units per expert
+    int units_per_expert;
+    int activation;
+
+    // Row tiles of output per expert: GATED, the gate half.
+    __device__ int out_rowtiles() const { return GATED ? rowtiles / 2 : rowtiles; }
+
+    __device__ void setup(Shared& s) const {
+        for (int i = threadIdx.x; i < kMoeMaxExperts / 32; i += kThreads) s.used_bits[i] = 0;
+        for (int q = threadIdx.x; q < pairs; q += kThreads) {
+            const int id = topk_ids[q];
+            s.pair_expert[q] = static_cast<int16_t>(id >= 0 && id < experts ? id : -1);
+        }
+        __syncthreads();
+        for (int q = threadIdx.x; q < pairs; q += kThreads) {
+            const int e = s.pair_expert[q];
+            if (e >= 0) atomicOr(&s.used_bits[e >> 5], 1u << (e & 31));
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) {  // one word of the bitmap per lane (kMoeMaxExperts <= 1024)
+            const int lane = threadIdx.x;
+            uint32_t bits = s.used_bits[lane];
+            const int count = __popc(bits);
+            int inclusive = count;
+#pragma unroll
+            for (int d = 1; d < 32; d *= 2) {
+                const int v = __shfl_up_sync(~0u, inclusive, d);
+                if (lane >= d) inclusive += v;
+            }
+            for (int at = inclusive - count; bits != 0; bits &= bits - 1) {
+                s.used_expert[at++] = static_cast<int16_t>(32 * lane + __ffs(bits) - 1);
+            }
+            if (lane == 31) s.num_used = inclusive;
+        }
+        __syncthreads();
+    }
+
+    __device__ int units(const Shared& s) const { return s.num_used * units_per_expert; }
+
+    __device__ int rowtile(const Shared& s, int unit, int sub) const {
+        if (unit >= units(s)) return -1;
+        const int expert = s.used_expert[unit / units_per_expert];
+        const int first = unit % units_per_expert * unit_outputs;
+        int local;
+        if (GATED) {  // warps 2 g decode gate row tile first + g, warps 2 g + 1 its up row tile
+            if (first + sub / 2 >= out_rowtiles()) return -1;
+            local = first + sub / 2 + (sub % 2) * out_rowtiles();
+        } else {
+            if (first + sub >= rowtiles) return -1;
+            local = first + sub;
+        }
+        return expert * rowtiles + local;
+    }
+
+    template <int NT>
+    __device__ void begin_unit(Shared& s, const MmaParams& p, int unit, int warp, int lane,
+                               const uint4* (&x_lane)[NT], float& slot_factor) const {
+        const int expert = s.used_expert[unit / units_per_expert];
+        int count = 0;
+        for (int base = 0; base < pairs; base += 32) {
+            const int q = base + lane;
+            const bool hit = q < pairs && s.pair_expert[q] == expert;
+            const uint32_t mask = __ballot_sync(~0u, hit);
+            const int slot = count + __popc(mask & ((1u << lane) - 1u));
+            if (hit && slot < kMmaMaxM) s.slot_pair[warp][slot] = static_cast<uint8_t>(q);
+            count += __popc(mask);
+        }
+        count = min(count, p.m);  // a token chooses an expert at most once, so count <= M
+        __syncwarp();
+        const int row_divisor = GATED ? top_k : 1;  // x holds tokens (GATED) or pairs
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const int slot = (lane >> 2) + 8 * nt;
+            x_lane[nt] = lane_activations(x, p.k, slot < count ? s.slot_pair[warp][slot] / row_divisor : -1,
+                                          lane & 3);
+        }
+        if (lane == 0) s.slot_count[warp] = count;
+        // the down GEMM's outputs carry their routing weight (loaded now, used at the unit's end)
+        slot_factor = GATED || lane >= count ? 1.f : __ldg(topk_weights + s.slot_pair[warp][lane]);
+    }
+
+    template <typename T>
+    __device__ void store(const Shared& s, const float* partial, const MmaParams& p, int unit) const {
+        const int count = s.slot_count[0];
+        const int first = unit % units_per_expert * unit_outputs;
+        const int out_rows = out_rowtiles() * kTileRows;  // I (GATED) or H
+        for (int o = threadIdx.x; o < unit_outputs * count * kTileRows; o += kThreads) {
+            const int row = o % kTileRows, slot = o / kTileRows % count, t = o / kTileRows / count;
+            const int local = first + t;
+            if (local >= out_rowtiles()) continue;
+            const int pair = s.slot_pair[0][slot];
+            const long long at = static_cast<long long>(pair) * out_rows + local * kTileRows + row;
+            if (GATED) {
+                const float gate = slice_sum(partial, p, 2 * t, slot, row);
+                Act<T>::store(out, at, activate(activation, gate) * slice_sum(partial, p, 2 * t + 1, slot, row));
+            } else {
+                static_cast<float*>(out)[at] = slice_sum(partial, p, t, slot, row);
+            }
+        }
+    }
+};
+
+template <typename T>
+__global__ void moe_sum_kernel(void* out, const float* pair_out, const int32_t* topk_ids, int m, int top_k, int h,
+                               int experts) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= m * h) return;
+    const int token = i / h, col = i % h;
+    float sum = 0.f;
+    for (int j = 0; j < top_k; ++j) {
+        const int pair = token * top_k + j, id = topk_ids[pair];
+        if (id >= 0 && id < experts) sum += pair_out[static_cast<long long>(pair) * h + col];
+    }
+    Act<T>::store(out, i, sum);
+}
+
+template <bool GATED>
+MoeProblem<GATED> make_problem(const MoeRouting& r, const MmaParams& p, const KernelWeight& w, const void* x,
+                               void* out, int activation) {
+    const int rowtiles = w.n / kTileRows;
+    const int unit_rowtiles = kWarps >> p.slices_log2;
+    const int unit_outputs = GATED ? unit_rowtiles / 2 : unit_rowtiles;
+    const int out_rowtiles = GATED ? rowtiles / 2 : rowtiles;
+    return {r.topk_ids, r.topk_weights, x, out, r.m * r.top_k, r.top_k, r.experts, rowtiles, unit_rowtiles,
+            unit_outputs, (out_rowtiles + unit_outputs - 1) / unit_outputs, activation};
+}
+
+// K-slices per row tile for one launch: as few as still give every multiprocessor two units (units of more row
+// tiles pass fewer block barriers per weight byte), judged by the expected number of used experts under uniform
+// routing. One token uses top_k experts, 16 tokens (top-8 of 128) about 82.
+int moe_max_slices(const MoeRouting& r, int out_rowtiles, bool gated) {
+    const double unused = std::pow(1.0 - std::min(1.0, static_cast<double>(r.top_k) / r.experts), r.m);
+    const double used = r.experts * (1.0 - unused);
+    const int most = gated ? kWarps / 2 : kWarps;  // GATED units hold gate and up row tiles in pairs
+    for (int slices = 1; slices < most; slices *= 2) {
+        const int unit_outputs = gated ? kWarps / slices / 2 : kWarps / slices;
+        if (used * ((out_rowtiles + unit_outputs - 1) / unit_outputs) >= 2.0 * multiprocessors()) return slices;
+    }
+    return most;
+}
+
+// Blocks for a launch: units are not known on the host (they depend on the routing), at most one per pair or
+// expert.
+int moe_grid(const MoeRouting& r, int units_per_expert) {
+    const long long bound = static_cast<long long>(std::min(r.m * r.top_k, r.experts)) * units_per_expert;
+    return static_cast<int>(std::min<long long>(bound, multiprocessors()));
+}
+
+}  // namespace
+
+void moe_experts(void* out, const void* x, void* hidden, float* pair_out, const MoeRouting& r,
+                 const KernelWeight& w13, const KernelWeight& w2, int activation, DType dtype, cudaStream_t stream) {
+    if (r.m < 1 || r.m > kMmaMaxM) throw std::invalid_argument("vllm_kbit.moe_experts: M must be in 1..16");
+    const MmaParams p13 = make_params(w13, r.m, moe_max_slices(r, w13.n / kTileRows / 2, true));
+    const auto gate_up = make_problem<true>(r, p13, w13, x, hidden, activation);
+    launch_any(p13, gate_up, w13.bits, dtype, moe_grid(r, gate_up.units_per_expert), stream);
+
+    const MmaParams p2 = make_params(w2, r.m, moe_max_slices(r, w2.n / kTileRows, false));
+    const auto down = make_problem<false>(r, p2, w2, hidden, pair_out, activation);
+    launch_any(p2, down, w2.bits, dtype, moe_grid(r, down.units_per_expert), stream);
+
+    constexpr int kSumThreads = 256;
+    const int outputs = r.m * w2.n;
+    const int blocks = (outputs + kSumThreads - 1) / kSumThreads;
+    if (dtype == DType::kFloat16) {
+        moe_sum_kernel<__half><<<blocks, kSumThreads, 0, stream>>>(out, pair_out, r.topk_ids, r.m, r.top_k, w2.n,
+                                                                    r.experts);
+    } else {
+        moe_sum_kernel<__nv_bfloat16><<<blocks, kSumThreads, 0, stream>>>(out, pair_out, r.topk_ids, r.m, r.top_k,
+                                                                           w2.n, r.experts);
+    }
+    check_cuda(cudaGetLastError(), "moe_sum kernel launch");
+}
+
+}  // namespace kbit
