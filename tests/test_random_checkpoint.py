@@ -9,32 +9,48 @@ from vllm_kbit import format as kfmt
 from vllm_kbit.quantize_cli import main as kbit_quantize
 from vllm_kbit.random_checkpoint import (
     GPTQ_QUANTIZATION_CONFIG,
+    TINY_QWEN3_MOE,
     LlamaShape,
     gptq_dequantize,
     write_random_gptq_llama,
     write_random_kbit_llama,
+    write_random_kbit_qwen3_moe,
     write_random_llama,
+    write_random_qwen3_moe,
 )
 
 # Input sizes that are multiples of the GPTQ group (128) so both formats quantize every projection.
 SHAPE = LlamaShape(256, 512, 1, 4, 2, 512, max_position_embeddings=256, rope_theta=10000.0)
 
 
-def test_random_kbit_checkpoint_matches_kbit_quantize_layout(tmp_path):
-    direct = write_random_kbit_llama(tmp_path / "direct", SHAPE, bits=3)
-    bf16 = write_random_llama(tmp_path / "bf16", SHAPE)
-    assert kbit_quantize([str(bf16), str(tmp_path / "quantized"), "--bits", "3", "--quiet"]) == 0
+def assert_same_layout_as_kbit_quantize(direct, bf16, tmp_path, bits):
+    assert kbit_quantize([str(bf16), str(tmp_path / "quantized"), "--bits", str(bits), "--quiet"]) == 0
     a, b = load_file(direct / "model.safetensors"), load_file(tmp_path / "quantized" / "model.safetensors")
     assert {n: (t.dtype, t.shape) for n, t in a.items()} == {n: (t.dtype, t.shape) for n, t in b.items()}
-    qa = json.loads((direct / "config.json").read_text())["quantization_config"]
-    qb = json.loads((tmp_path / "quantized" / "config.json").read_text())["quantization_config"]
-    assert qa == qb
+    ca = json.loads((direct / "config.json").read_text())
+    cb = json.loads((tmp_path / "quantized" / "config.json").read_text())
+    assert ca == cb  # the model config and the quantization_config
+    return a
+
+
+def test_random_kbit_checkpoint_matches_kbit_quantize_layout(tmp_path):
+    direct = write_random_kbit_llama(tmp_path / "direct", SHAPE, bits=3)
+    a = assert_same_layout_as_kbit_quantize(direct, write_random_llama(tmp_path / "bf16", SHAPE), tmp_path, 3)
     # Random codes decode to finite weights of a sane size (rms about 1/sqrt(K), like the 16-bit writer).
     module = "model.layers.0.mlp.down_proj"
     w = kfmt.dequantize(kfmt.KbitTensor(a[f"{module}.qweight"], a[f"{module}.qweight_absmax"],
                                         a[f"{module}.weight_scale"], 3))
     rms = w.pow(2).mean().sqrt().item()
     assert torch.isfinite(w).all() and 0.2 / SHAPE.intermediate_size ** 0.5 < rms < 5 / SHAPE.intermediate_size ** 0.5
+
+
+def test_random_kbit_moe_checkpoint_matches_kbit_quantize_layout(tmp_path):
+    # The writer of the Qwen3-30B-A3B-shaped benchmark checkpoint, on the tiny shape: experts quantized, router
+    # gates kept.
+    direct = write_random_kbit_qwen3_moe(tmp_path / "direct", TINY_QWEN3_MOE, bits=2)
+    a = assert_same_layout_as_kbit_quantize(direct, write_random_qwen3_moe(tmp_path / "bf16", TINY_QWEN3_MOE),
+                                            tmp_path, 2)
+    assert "model.layers.0.mlp.experts.1.up_proj.qweight" in a and "model.layers.0.mlp.gate.weight" in a
 
 
 def test_random_gptq_checkpoint_layout(tmp_path):

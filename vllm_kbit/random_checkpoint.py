@@ -108,6 +108,9 @@ class MoeShape:
 # Every per-rank size a multiple of 32 at TP=1 and TP=2 (kbit blocks), as in the real models.
 TINY_QWEN3_MOE = MoeShape(256, 128, 8, 2, 2, 4, 2, 64, 1024)
 TINY_OLMOE = MoeShape(256, 128, 8, 2, 2, 4, 4, 64, 1024, rms_norm_eps=1e-5)
+# Qwen3-30B-A3B's config (hidden, expert intermediate, experts, top-k, layers, heads, kv heads, head dim, vocab)
+QWEN3_30B_A3B = MoeShape(2048, 768, 128, 8, 48, 32, 4, 128, 151936, max_position_embeddings=40960,
+                         rope_theta=1e6)
 
 
 def moe_tensors(shape: MoeShape, dtype: torch.dtype, qk_norm_per_head: bool) -> list[tuple[str, torch.dtype, list[int]]]:
@@ -154,12 +157,16 @@ def _moe_config(shape: MoeShape, dtype: torch.dtype) -> dict:
 def write_random_qwen3_moe(out_dir: Path, shape: MoeShape = TINY_QWEN3_MOE, dtype: torch.dtype = torch.bfloat16,
                            seed: int = 0) -> Path:
     """A Qwen3MoeForCausalLM checkpoint with random weights: every layer sparse, top-k renormalized."""
-    config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", **_moe_config(shape, dtype),
-              "moe_intermediate_size": shape.moe_intermediate_size,
-              # the dense MLP size of mlp_only_layers, of which there are none
-              "intermediate_size": shape.moe_intermediate_size,
-              "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []}
-    return _write_random_moe(out_dir, moe_tensors(shape, dtype, qk_norm_per_head=True), config, seed)
+    return _write_random_moe(out_dir, moe_tensors(shape, dtype, qk_norm_per_head=True),
+                             qwen3_moe_config(shape, dtype), seed)
+
+
+def qwen3_moe_config(shape: MoeShape, dtype: torch.dtype) -> dict:
+    return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", **_moe_config(shape, dtype),
+            "moe_intermediate_size": shape.moe_intermediate_size,
+            # the dense MLP size of mlp_only_layers, of which there are none
+            "intermediate_size": shape.moe_intermediate_size,
+            "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []}
 
 
 def write_random_olmoe(out_dir: Path, shape: MoeShape = TINY_OLMOE, dtype: torch.dtype = torch.bfloat16,
@@ -226,14 +233,13 @@ def _random_kbit_weight(n: int, k: int, bits: int, codebook: torch.Tensor,
     return qweight, absmax, rms_scale.item() * _jitter((n,), gen)
 
 
-def write_random_kbit_llama(out_dir: Path, shape: LlamaShape = TINY_LLAMA, bits: int = 4,
-                            dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                            tokenizer_dir: Path | None = None) -> Path:
-    """A kbit checkpoint of a Llama shape with random codes: the tensors and config that kbit-quantize
-    writes for a ``dtype`` checkpoint of that shape (its own plan and quantization_config)."""
+def _write_random_kbit(out_dir: Path, tensors: list[tuple[str, torch.dtype, list[int]]], config: dict, bits: int,
+                       seed: int, tokenizer_dir: Path | None) -> Path:
+    """The kbit checkpoint that kbit-quantize writes for a 16-bit checkpoint of tensor plan ``tensors`` (its
+    plan, default skips and quantization_config), with random codes."""
     kfmt.check_bits(bits)
     plans = [quantize_cli.plan_tensor(name, size, dt, bits, {}, quantize_cli.DEFAULT_SKIP)
-             for name, dt, size in llama_tensors(shape, dtype)]
+             for name, dt, size in tensors]
     shard = quantize_cli.Shard(src=Path(), dst_name="model.safetensors", plans=plans)  # src: nothing is read
     codebooks = {bits: kfmt.normal_float_codebook(bits)}
     cpu_gen = torch.Generator().manual_seed(seed)
@@ -247,12 +253,27 @@ def write_random_kbit_llama(out_dir: Path, shape: LlamaShape = TINY_LLAMA, bits:
                 pieces = _random_kbit_weight(*p.shape, p.bits, codebooks[p.bits], device_gen)
             for (name, _, _), piece in zip(p.outputs(), pieces):
                 writer.write(name, piece)
-    config = {**llama_config(shape, dtype),
-              "quantization_config": quantize_cli.quantization_config([shard], bits, codebooks)}
+    config = {**config, "quantization_config": quantize_cli.quantization_config([shard], bits, codebooks)}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, out_dir)
     return out_dir
+
+
+def write_random_kbit_llama(out_dir: Path, shape: LlamaShape = TINY_LLAMA, bits: int = 4,
+                            dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                            tokenizer_dir: Path | None = None) -> Path:
+    """A kbit checkpoint of a Llama shape with random codes."""
+    return _write_random_kbit(out_dir, llama_tensors(shape, dtype), llama_config(shape, dtype), bits, seed,
+                              tokenizer_dir)
+
+
+def write_random_kbit_qwen3_moe(out_dir: Path, shape: MoeShape = TINY_QWEN3_MOE, bits: int = 4,
+                                dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                                tokenizer_dir: Path | None = None) -> Path:
+    """A kbit checkpoint of a Qwen3-MoE shape with random codes (router gates stay 16-bit)."""
+    return _write_random_kbit(out_dir, moe_tensors(shape, dtype, qk_norm_per_head=True),
+                              qwen3_moe_config(shape, dtype), bits, seed, tokenizer_dir)
 
 
 # GPTQ int4, group 128, symmetric, no act-order: per module qweight int32 [K/8, N] (word j of column n holds
