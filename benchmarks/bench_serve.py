@@ -240,6 +240,9 @@ def run_logged(cmd: list[str], env: dict[str, str], log_path: Path, timeout: flo
         except subprocess.TimeoutExpired:
             stop_process_group(proc)
             raise BenchError(f"timed out after {timeout:.0f} s: {log_path}\n{log_tail(log_path)}") from None
+        except BaseException:  # SIGTERM (see _exit_on_sigterm) or Ctrl-C: the vLLM processes go too
+            stop_process_group(proc)
+            raise
     if code != 0:
         raise BenchError(f"exit code {code}: {log_path}\n{log_tail(log_path)}")
 
@@ -330,7 +333,8 @@ def bench_latency(model: Path, batch: int, output_len: int, eager: bool, fmt: Fo
 
 
 def measure_latency(fmt: Format, model: Path, args, gpu: str) -> None:
-    modes = [("latency", False)] + ([("latency_eager", True)] if fmt.name in EAGER_FORMATS else [])
+    eager = fmt.name in EAGER_FORMATS and not args.no_eager
+    modes = [("latency", False)] + ([("latency_eager", True)] if eager else [])
     for mode, eager in modes:
         for batch in args.levels.batch_sizes if not eager else (1,):
             full = bench_latency(model, batch, args.output_len, eager, fmt, args, gpu)
@@ -600,6 +604,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--timeout", type=float, default=600, help="seconds for each vLLM command or server start")
     parser.add_argument("--vllm-args", type=shlex.split, default=[],
                         help="extra engine options for every vLLM run, e.g. --vllm-args='--enforce-eager'")
+    parser.add_argument("--no-eager", action="store_true",
+                        help=f"skip the --enforce-eager latency runs of {', '.join(EAGER_FORMATS)}")
     args = parser.parse_args(argv)
     # absolute: vLLM runs in VLLM_CWD
     args.work_dir, args.tokenizer_dir, args.out = (p.resolve() for p in (args.work_dir, args.tokenizer_dir, args.out))
@@ -613,8 +619,15 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    # `timeout` and job control send SIGTERM: exit through the context managers, so that a running vLLM
+    # server (VllmServer.__exit__) and vLLM commands (run_logged) are stopped, not left holding the GPU.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.command == "report":
         for path in args.records or sorted(args.out.glob("serve-*.json")):
             print(render(json.loads(path.read_text()), path))
