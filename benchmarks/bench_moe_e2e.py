@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import shlex
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
 from vllm_kbit import random_checkpoint as rc
 
-from bench_serve import VLLM_BENCH, BenchError, gpu_name, log, run_logged, vllm_env  # benchmarks/, next to this
+from bench_serve import VLLM_BENCH, build_in_child, gpu_name, log, run_logged, vllm_env  # benchmarks/, next to this
 
 MODEL = "Qwen3-30B-A3B"
 SHAPE = rc.QWEN3_30B_A3B
@@ -58,17 +56,7 @@ def checkpoint(fmt: str, args) -> Path:
     for other in root.iterdir():
         if other.name.startswith("kbit"):
             shutil.rmtree(other)
-    partial = root / f".{fmt}.partial"
-    start = time.time()
-    child = multiprocessing.get_context("spawn").Process(target=_write_kbit, args=(partial, bits, args.tokenizer_dir))
-    child.start()
-    child.join()
-    if child.exitcode != 0:
-        raise BenchError(f"writing the {fmt} checkpoint failed (exit code {child.exitcode})")
-    partial.rename(path)
-    size = sum(f.stat().st_size for f in path.iterdir()) / 2**30
-    log(f"built {path} ({size:.1f} GiB) in {time.time() - start:.0f} s")
-    return path
+    return build_in_child(path, _write_kbit, (bits, args.tokenizer_dir))
 
 
 def latency(fmt: str, batch: int, args) -> float:

@@ -149,7 +149,7 @@ class BenchError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _write_checkpoint(fmt_name: str, out: Path, shape_key: str, dtype_name: str, tokenizer_dir: Path) -> None:
+def _write_checkpoint(out: Path, fmt_name: str, shape_key: str, dtype_name: str, tokenizer_dir: Path) -> None:
     fmt, shape, dtype = FORMATS[fmt_name], SHAPES[shape_key][1], DTYPES[dtype_name]
     if fmt.kind == "fp16":
         rc.write_random_llama(out, shape, dtype, tokenizer_dir=tokenizer_dir)
@@ -168,16 +168,20 @@ def ensure_checkpoint(fmt: Format, args) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for other in root.iterdir():  # the disk holds one Llama-3-8B checkpoint at a time
         shutil.rmtree(other)
-    partial = root / f".{path.name}.partial"  # renamed when complete: a killed build is never reused
+    return build_in_child(path, _write_checkpoint, (fmt.name, args.shape, args.dtype, args.tokenizer_dir))
+
+
+def build_in_child(path: Path, write, write_args: tuple) -> Path:
+    """``write(out_dir, *write_args)`` in a child process, into a temporary directory renamed to ``path`` when
+    complete (a killed build is never reused). The child keeps this process from creating a CUDA context that
+    would hold GPU memory while vLLM runs."""
+    partial = path.with_name(f".{path.name}.partial")
     start = time.time()
-    # Written in a child process, so this one never creates a CUDA context that would hold GPU memory
-    # while vLLM runs.
-    child = multiprocessing.get_context("spawn").Process(
-        target=_write_checkpoint, args=(fmt.name, partial, args.shape, args.dtype, args.tokenizer_dir))
+    child = multiprocessing.get_context("spawn").Process(target=write, args=(partial, *write_args))
     child.start()
     child.join()
     if child.exitcode != 0:
-        raise BenchError(f"writing the {fmt.checkpoint} checkpoint failed (exit code {child.exitcode})")
+        raise BenchError(f"writing {path.name} failed (exit code {child.exitcode})")
     partial.rename(path)
     size = sum(f.stat().st_size for f in path.iterdir()) / 2**30
     log(f"built {path} ({size:.1f} GiB) in {time.time() - start:.0f} s")
