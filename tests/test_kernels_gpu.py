@@ -5,18 +5,11 @@ import functools
 import pytest
 import torch
 
+from gpu_kernels import DTYPE_CODES, kernels_or_skip
 from vllm_kbit import format as kf
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
-try:
-    from vllm_kbit import _C
-except ImportError:
-    pytest.skip("vllm_kbit._C is not built (install with nvcc present)", allow_module_level=True)
-
+_C = kernels_or_skip()
 pytestmark = pytest.mark.gpu
-
-DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 # (N, K): SmolLM2 (K padded, several row tiles per unit), Qwen3-Next kv, Llama-3-8B qkv (several units per block),
 # K with one block in its last column tile
 SHAPES = [(192, 576), (512, 2048), (6144, 4096), (224, 1056)]

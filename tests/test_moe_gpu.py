@@ -6,18 +6,12 @@ import functools
 import pytest
 import torch
 
+from gpu_kernels import DTYPE_CODES, kernels_or_skip
 from vllm_kbit import format as kf, ops
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
-try:
-    from vllm_kbit import _C
-except ImportError:
-    pytest.skip("vllm_kbit._C is not built (install with nvcc present)", allow_module_level=True)
-
+_C = kernels_or_skip()
 pytestmark = pytest.mark.gpu
 
-DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 # ||out - ref|| / ||ref||. On top of the dense MMA's error sources (tests/test_kernels_gpu.py: codebook and output
 # rounding, ~u/sqrt(3) each), the hidden activations are rounded to the dtype between the two GEMMs (as vLLM's
