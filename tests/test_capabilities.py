@@ -1,0 +1,46 @@
+"""The capability table that both kernel dispatch and error messages read (pure Python: runs on the CPU)."""
+
+import pytest
+
+from vllm_kbit import capabilities as caps
+
+COMPILED = frozenset(t.name for t in caps.GPU_TIERS)
+
+
+@pytest.mark.parametrize("compiled", [COMPILED, frozenset({"dequant_cublas"}), frozenset()])
+def test_dense_tiers_cover_every_m_once(compiled):
+    tiers = caps.available_tiers(90, compiled)
+    for m in list(range(1, 70)) + [1 << 20]:
+        assert sum(t.min_m <= m <= t.max_m for t in tiers) == 1, f"M={m}"
+    if "mma" not in compiled:  # without the MMA kernel the fallback serves every M
+        assert [t.name for t in tiers] == ["dequant_cublas"]
+
+
+def test_dense_plan_for_hopper():
+    tiers = caps.available_tiers(90, COMPILED)
+    assert caps.describe_tiers(tiers) == "M=1..16: mma, M=17..: dequant_cublas"
+
+
+@pytest.mark.parametrize("m,top_k,experts,intermediate,tier", [
+    (1, 8, 128, 768, "moe_grouped_mma"),
+    (16, 8, 128, 768, "moe_grouped_mma"),
+    (17, 8, 128, 768, "moe_dequant_fused"),          # more tokens than the kernel's token slots
+    (16, 16, 512, 512, "moe_grouped_mma"),           # 256 pairs: the limit
+    (13, 20, 512, 512, "moe_dequant_fused"),         # 260 pairs
+    (4, 8, 2048, 768, "moe_dequant_fused"),          # more experts than the used-expert bitmap holds
+    (4, 8, 128, 48, "moe_dequant_fused"),            # gate and up row tiles would not pair up
+])
+def test_moe_tier(m, top_k, experts, intermediate, tier):
+    assert caps.moe_tier(m, top_k, experts, intermediate).name == tier
+
+
+def test_moe_plan_names_the_limits():
+    assert caps.describe_moe_plan(10, 512, 512).startswith("M=1..16: moe_grouped_mma, M=17..: moe_dequant_fused")
+    assert caps.describe_moe_plan(32, 64, 256).startswith("M=1..8: moe_grouped_mma")  # 8 * 32 = 256 pairs
+    plan = caps.describe_moe_plan(8, 128, 48)
+    assert plan.startswith("every M: moe_dequant_fused") and "not a multiple of 32" in plan
+
+
+def test_old_gpu_is_refused_with_the_fix():
+    with pytest.raises(RuntimeError, match="compute capability >= 8.0.*Tesla T4 is 7.5.*newer GPU"):
+        caps.check_gpu_capability(75, "Tesla T4")
