@@ -51,8 +51,7 @@ struct MoeProblem {
     void* out;
     int pairs, top_k, experts;
     int rowtiles;       // row tiles per expert (N / 32)
-    int unit_rowtiles;  // row tiles per unit (GATED: half gate, half up)
-    int unit_outputs;   // row tiles of output per unit and units per expert
+    int unit_outputs;   // row tiles of output per unit (GATED: the unit decodes as many up row tiles too)
     int units_per_expert;
     int activation;
 
@@ -175,8 +174,8 @@ MoeProblem<GATED> make_problem(const MoeRouting& r, const MmaParams& p, const Ke
     const int unit_rowtiles = kWarps >> p.slices_log2;
     const int unit_outputs = GATED ? unit_rowtiles / 2 : unit_rowtiles;
     const int out_rowtiles = GATED ? rowtiles / 2 : rowtiles;
-    return {r.topk_ids, r.topk_weights, x, out, r.m * r.top_k, r.top_k, r.experts, rowtiles, unit_rowtiles,
-            unit_outputs, (out_rowtiles + unit_outputs - 1) / unit_outputs, activation};
+    return {r.topk_ids, r.topk_weights, x, out, r.m * r.top_k, r.top_k, r.experts, rowtiles, unit_outputs,
+            (out_rowtiles + unit_outputs - 1) / unit_outputs, activation};
 }
 
 // K-slices per row tile for one launch: as few as still give every multiprocessor two units (units of more row

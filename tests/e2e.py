@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,4 +57,13 @@ def write_dequantized_twin(kbit_dir: Path, out_dir: Path) -> Path:
     for f in kbit_dir.iterdir():
         if f.name.startswith(("tokenizer", "generation_config", "special_tokens")):
             (out_dir / f.name).write_bytes(f.read_bytes())
+    return out_dir
+
+
+def copy_without_tensor(checkpoint: Path, out_dir: Path, tensor: str) -> Path:
+    """A copy of a single-file checkpoint with one tensor deleted (an incomplete checkpoint)."""
+    shutil.copytree(checkpoint, out_dir)
+    tensors = load_file(out_dir / "model.safetensors")
+    del tensors[tensor]
+    save_file(tensors, str(out_dir / "model.safetensors"))
     return out_dir

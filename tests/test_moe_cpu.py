@@ -6,12 +6,10 @@ Each engine start costs about a minute on a 2-core machine, so the engines are f
 """
 
 import os
-import shutil
 
 import pytest
 import torch
-from e2e import EngineFailed, run_engine, write_dequantized_twin
-from safetensors.torch import load_file, save_file
+from e2e import EngineFailed, copy_without_tensor, run_engine, write_dequantized_twin
 
 from vllm_kbit import format as kfmt, ops
 from vllm_kbit.quantize_cli import main as kbit_quantize
@@ -119,11 +117,7 @@ def test_olmoe_tensor_parallel_2_matches_twin(tmp_path):
 
 
 def test_missing_expert_tensor_is_a_clear_error(qwen3, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(qwen3["k4"], broken)
-    tensors = load_file(broken / "model.safetensors")
-    del tensors["model.layers.1.mlp.experts.3.down_proj.qweight"]
-    save_file(tensors, str(broken / "model.safetensors"))
+    broken = copy_without_tensor(qwen3["k4"], tmp_path / "broken", "model.layers.1.mlp.experts.3.down_proj.qweight")
     with pytest.raises(EngineFailed) as info:
         run_engine(_spec(broken, max_tokens=1))
     assert "kbit: model.layers.1.mlp.experts.3.down_proj.qweight was never loaded" in info.value.stderr

@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 import torch
-from e2e import EngineFailed, run_engine, write_dequantized_twin
-from safetensors.torch import load_file, save_file
+from e2e import EngineFailed, copy_without_tensor, run_engine, write_dequantized_twin
+from safetensors.torch import load_file
 
 from vllm_kbit.quantize_cli import main as kbit_quantize
 from vllm_kbit.random_checkpoint import LlamaShape, write_random_llama
@@ -91,11 +91,7 @@ def test_skipped_modules_stay_unquantized(models, tmp_path):
 
 
 def test_missing_tensor_is_a_clear_error(models, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(models["k4"], broken)
-    tensors = load_file(broken / "model.safetensors")
-    del tensors["model.layers.1.mlp.down_proj.qweight"]
-    save_file(tensors, str(broken / "model.safetensors"))
+    broken = copy_without_tensor(models["k4"], tmp_path / "broken", "model.layers.1.mlp.down_proj.qweight")
     with pytest.raises(EngineFailed) as info:
         run_engine(_spec(broken, max_tokens=1))
     assert "model.layers.1.mlp.down_proj.qweight was never loaded" in info.value.stderr
