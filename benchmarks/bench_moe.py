@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from vllm_kbit import capabilities
@@ -85,7 +86,16 @@ class Reference:
         return out
 
 
-def kbit_case(shape: MoeShape, bits: int, device: torch.device) -> tuple[Case, Reference]:
+@dataclass
+class MoeCase:
+    """One implementation's layer: ``run(x, (topk_weights, topk_ids))``, and its fp64 reference."""
+
+    impl: str
+    run: Callable[[torch.Tensor, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+    reference: Reference
+
+
+def kbit_case(shape: MoeShape, bits: int, device: torch.device) -> MoeCase:
     codebook = kfmt.normal_float_codebook(bits).to(device)
     packed, prepared = {}, {}
     for stem, (n, k) in {"w13": (2 * shape.intermediate, shape.hidden),
@@ -104,10 +114,10 @@ def kbit_case(shape: MoeShape, bits: int, device: torch.device) -> tuple[Case, R
         return tuple(kfmt.dequantize(kfmt.KbitTensor(t.qweight[e], t.absmax[e], t.scale[e], bits), codebook)
                      for t in (packed["w13"], packed["w2"]))
 
-    return Case("kbit", bits, ROUTINGS, run, None), Reference(decode)
+    return MoeCase("kbit", run, Reference(decode))
 
 
-def bf16_case(shape: MoeShape, device: torch.device) -> tuple[Case, Reference]:
+def bf16_case(shape: MoeShape, device: torch.device) -> MoeCase:
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
 
@@ -120,10 +130,10 @@ def bf16_case(shape: MoeShape, device: torch.device) -> tuple[Case, Reference]:
         topk_weights, topk_ids = routing
         return fused_experts(x, w13, w2, topk_weights, topk_ids, activation=MoEActivation.SILU)
 
-    return Case("bf16", None, ROUTINGS, run, None), Reference(lambda e: (w13[e].float(), w2[e].float()))
+    return MoeCase("bf16", run, Reference(lambda e: (w13[e].float(), w2[e].float())))
 
 
-def marlin_case(shape: MoeShape, device: torch.device) -> tuple[Case, Reference]:
+def marlin_case(shape: MoeShape, device: torch.device) -> MoeCase:
     from vllm import _custom_ops as vllm_ops
     from vllm.model_executor.layers.fused_moe.experts.marlin_moe import fused_marlin_moe
     from vllm.model_executor.layers.quantization.utils import marlin_utils
@@ -154,12 +164,12 @@ def marlin_case(shape: MoeShape, device: torch.device) -> tuple[Case, Reference]
                       * raw[stem][1][e].float().repeat_interleave(MARLIN_GROUP, dim=0)).T
                      for stem in ("w13", "w2"))
 
-    return Case("marlin_int4", None, ROUTINGS, run, None), Reference(decode)
+    return MoeCase("marlin_int4", run, Reference(decode))
 
 
-def check(case: Case, reference: Reference, x: torch.Tensor, routing, what: str) -> None:
+def check(case: MoeCase, x: torch.Tensor, routing, what: str) -> None:
     out = case.run(x, routing)
-    ref = reference(x, *routing)
+    ref = case.reference(x, *routing)
     err = ((out.double() - ref).norm() / ref.norm()).item()
     if not err < TOLERANCE:
         raise WrongResult(f"{what}: relative error {err:.3g} (tolerance {TOLERANCE})")
@@ -168,12 +178,13 @@ def check(case: Case, reference: Reference, x: torch.Tensor, routing, what: str)
 def bench_impl(name: str, build, shape: MoeShape, ms, device, records: list, gpu: str, bits=None) -> None:
     print(f"  {shape.model:<14} {name:<12}", end="", flush=True)
     try:
-        case, reference = build()
+        case = build()
         gen = torch.Generator().manual_seed(1)
         for m in ms:
             routes = routings(shape, m, device, gen)
             x = torch.randn(m, shape.hidden, generator=gen).to(DTYPE).to(device)
-            check(case, reference, x, routes[0], f"{shape.model} {name} M={m}")
+            check(case, x, routes[0], f"{shape.model} {name} M={m}")
+            # graph_us's calls rotate over the routings, as they rotate over weight copies in bench_kernels
             timed = Case(case.impl, bits, ROUTINGS, lambda x_, i: case.run(x_, routes[i]), None)
             us = graph_us(timed, x)
             records.append({"gpu": gpu, "model": shape.model, "M": m, "k": bits, "impl": case.impl,
