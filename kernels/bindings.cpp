@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <limits>
 #include <string>
 
 #include "kbit_ops.h"
@@ -81,8 +82,8 @@ void mma(uintptr_t out, uintptr_t x, uintptr_t qweight, uintptr_t absmax, uintpt
     const std::string fn = "mma";
     const kbit::KernelWeight w = check_weight(fn, qweight, absmax, scale, codebook, n, k, bits);
     const DType dt = check_dtype(fn, dtype);
-    if (m < 1 || m > kbit::kMmaMaxM) {
-        fail(fn, "M (rows of x) must be in 1.." + std::to_string(kbit::kMmaMaxM) + ", got " + std::to_string(m));
+    if (m < 1 || m > std::numeric_limits<int>::max()) {
+        fail(fn, "M (rows of x) must be in 1..2^31-1, got " + std::to_string(m));
     }
     check_pointer(fn, "x", x, 16);
     check_pointer(fn, "out", out, 2);
@@ -110,8 +111,8 @@ void moe_experts(uintptr_t out, uintptr_t x, uintptr_t hidden, uintptr_t pair_ou
     const kbit::KernelWeight w2 =
         check_weight(fn, w2_qweight, w2_absmax, w2_scale, codebook, experts * hidden_size, intermediate, bits);
     const DType dt = check_dtype(fn, dtype);
-    if (m < 1 || m > kbit::kMmaMaxM) {
-        fail(fn, "M (tokens) must be in 1.." + std::to_string(kbit::kMmaMaxM) + ", got " + std::to_string(m));
+    if (m < 1 || m > kbit::kMoeMaxM) {
+        fail(fn, "M (tokens) must be in 1.." + std::to_string(kbit::kMoeMaxM) + ", got " + std::to_string(m));
     }
     if (top_k < 1 || m * top_k > kbit::kMoeMaxPairs) {
         fail(fn, "M * top_k must be in 1.." + std::to_string(kbit::kMoeMaxPairs) + ", got " + std::to_string(m) +
@@ -143,7 +144,7 @@ void moe_experts(uintptr_t out, uintptr_t x, uintptr_t hidden, uintptr_t pair_ou
 
 PYBIND11_MODULE(_C, mod) {
     mod.doc() = "kbit CUDA kernels (raw device pointers; see kernels/bindings.cpp)";
-    mod.attr("MMA_MAX_M") = kbit::kMmaMaxM;
+    mod.attr("MOE_MAX_M") = kbit::kMoeMaxM;
     mod.attr("MOE_MAX_PAIRS") = kbit::kMoeMaxPairs;
     mod.attr("MOE_MAX_EXPERTS") = kbit::kMoeMaxExperts;
     mod.def("dequantize", &dequantize,
@@ -152,13 +153,14 @@ PYBIND11_MODULE(_C, mod) {
             py::arg("out"), py::arg("qweight"), py::arg("absmax"), py::arg("scale"), py::arg("codebook"),
             py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("dtype"), py::arg("stream"));
     mod.def("mma", &mma,
-            "out [M, N] = x [M, K] @ W^T for M in 1..16 (dequantization fused into tensor-core MMA); x and out "
-            "row-major contiguous of dtype, fp32 accumulation.",
+            "out [M, N] = x [M, K] @ W^T (dequantization fused into tensor-core MMA; the weight is read once per "
+            "64 rows of x, 32 on GPUs with less than 132 KB of shared memory per block); x and out row-major "
+            "contiguous of dtype, fp32 accumulation.",
             py::arg("out"), py::arg("x"), py::arg("qweight"), py::arg("absmax"), py::arg("scale"),
             py::arg("codebook"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("dtype"),
             py::arg("stream"));
     mod.def("moe_experts", &moe_experts,
-            "out [M, H] = sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(x[m]) for M in 1..16, M * top_k <= "
+            "out [M, H] = sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(x[m]) for M in 1..MOE_MAX_M, M * top_k <= "
             "MOE_MAX_PAIRS: grouped gate/up with the activation fused (0 silu, 1 gelu, 2 gelu_tanh), down with the "
             "routing weights, sum over top_k. Weights: E stacked experts in the kernel layout (w13 [E, 2I, H], w2 "
             "[E, H, I]); topk_ids int32, topk_weights fp32 [M, top_k]; workspace hidden [M * top_k, I] of dtype "

@@ -1,7 +1,7 @@
-// MMA tier (M = 1..16): out [M, n] = x [M, k] @ W^T with W in the kernel layout, read once from HBM and decoded in
-// registers straight into tensor-core operands, so the decode cost per weight does not depend on M (M <= 8 takes
-// one MMA per fragment, M <= 16 two). The machinery is mma_core.cuh; here a unit is kWarps >> slices_log2
-// consecutive row tiles, token m reads row m of x, and the sums are stored as they are.
+// MMA tier: out [M, n] = x [M, k] @ W^T with W in the kernel layout, read from HBM once per launch of up to 64
+// tokens and decoded in registers straight into tensor-core operands, so the decode cost per weight does not
+// depend on M (a fragment feeds one MMA per 8 tokens). The machinery is mma_core.cuh; here a unit is
+// kBlockWarps >> slices_log2 consecutive row tiles, token m reads row m of x, and the sums are stored as they are.
 #include <algorithm>
 
 #include "mma_core.cuh"
@@ -35,7 +35,7 @@ struct DenseProblem {
     }
     template <typename T>
     __device__ void store(const Shared&, const float* partial, const MmaParams& p, int unit) const {
-        for (int o = threadIdx.x; o < unit_rowtiles * p.m * kTileRows; o += kThreads) {
+        for (int o = threadIdx.x; o < unit_rowtiles * p.m * kTileRows; o += blockDim.x) {
             const int row = o % kTileRows, m = o / kTileRows % p.m, rs = o / kTileRows / p.m;
             const int out_rowtile = unit * unit_rowtiles + rs;
             if (out_rowtile >= rowtiles) continue;
@@ -48,14 +48,22 @@ struct DenseProblem {
 }  // namespace
 
 void mma(void* out, const void* x, const KernelWeight& w, int m, DType dtype, cudaStream_t stream) {
-    if (m < 1 || m > kMmaMaxM) throw std::invalid_argument("vllm_kbit.mma: M must be in 1..16");
-    const MmaParams p = make_params(w, m, kWarps);
+    if (m < 1) throw std::invalid_argument("vllm_kbit.mma: M must be >= 1");
     const int rowtiles = w.n / kTileRows;
-    const int unit_rowtiles = kWarps >> p.slices_log2;
-    const DenseProblem prob{out, x, w.n, rowtiles, unit_rowtiles};
-    const int units = (rowtiles + unit_rowtiles - 1) / unit_rowtiles;
-    const int grid = std::min(units, multiprocessors());  // persistent: one block per multiprocessor
-    launch_any(p, prob, w.bits, dtype, grid, stream);
+    // Up to max_launch_tokens rows of x per launch; each launch reads the weight once.
+    const int per_launch = max_launch_tokens(w.bits, sizeof(DenseProblem::Shared));
+    constexpr size_t kElementBytes = 2;  // fp16 / bf16
+    for (int first = 0; first < m; first += per_launch) {
+        const int tokens = std::min(per_launch, m - first);
+        const MmaParams p = make_params(w, tokens, block_warps(token_tiles(tokens)));
+        const int unit_rowtiles = block_warps(token_tiles(tokens)) >> p.slices_log2;
+        const DenseProblem prob{static_cast<char*>(out) + first * static_cast<size_t>(w.n) * kElementBytes,
+                                static_cast<const char*>(x) + first * static_cast<size_t>(w.k) * kElementBytes, w.n,
+                                rowtiles, unit_rowtiles};
+        const int units = (rowtiles + unit_rowtiles - 1) / unit_rowtiles;
+        const int grid = std::min(units, multiprocessors());  // persistent: one block per multiprocessor
+        launch_any<DenseProblem, kMaxTokenTiles>(p, prob, w.bits, dtype, grid, stream);
+    }
 }
 
 }  // namespace kbit

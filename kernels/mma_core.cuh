@@ -6,7 +6,9 @@
 // the A fragments of mma.sync m16n8k16 for two 16-row halves x two 16-input steps (the layout's lane map,
 // kbit_format.cuh), x supplies the B fragments (tokens as the n8 columns; M > 8 takes two), and the fp32
 // accumulators of the block are multiplied by the rows' absmax and added to the running sums: one FFMA per
-// accumulator per block. The row scale is applied once per output. Activations enter the MMA in their own dtype
+// accumulator per block. With more than one token tile (M > 8) that costs more than scaling the A fragments
+// instead (four half2 multiplies per fragment, whatever M), so those kernels multiply the decoded weights by their
+// absmax and let the MMAs accumulate across blocks. The row scale is applied once per output. Activations enter the MMA in their own dtype
 // (fp16 or bf16), so no range scaling is needed; the codebook is rounded to that dtype.
 //
 // Decode. A shared-memory table maps a key, the contiguous stream field of several adjacent weights, to their
@@ -20,7 +22,7 @@
 // Work split. The unit of work is a set of row tiles (32 rows each) over all of K, so a unit ends in finished
 // outputs: no workspace, no atomics, deterministic. The warps of a block split a unit's column tiles (K-slices)
 // and their sums meet in shared memory at the unit's end, where the Problem stores them. Blocks are persistent,
-// one per multiprocessor with kWarps warps (the table is built once per block), and take units blockIdx.x,
+// one per multiprocessor with kBlockWarps warps (the table is built once per block), and take units blockIdx.x,
 // blockIdx.x + gridDim.x, ... Each lane streams its tiles, unit after unit, through a ring of tiles held in
 // registers (about 64 KB in flight per multiprocessor): the ring is filled before the table is built, and a slot
 // is refilled with the lane's next tile (also one of the next unit) as soon as it is decoded. Activations are
@@ -38,10 +40,16 @@
 namespace kbit {
 namespace mma_core {
 
-constexpr int kWarps = 16;
-constexpr int kThreads = kWarps * 32;
-// Floats per (warp, token) row of the partial sums: 32 rows + 1 (at most 2 lanes of a warp store to one bank), so
-// that the largest table and the partial sums of M = 16 fit the 99 KB of shared memory of sm_86 / sm_89.
+// Token tiles (the n8 columns of the MMA) of a launch for M tokens: 8 tokens each, up to kMaxTokenTiles.
+constexpr int kMaxTokenTiles = 8;
+constexpr int kMaxLaunchTokens = 8 * kMaxTokenTiles;
+__host__ __device__ constexpr int token_tiles(int m) { return m <= 8 ? 1 : m <= 16 ? 2 : m <= 32 ? 4 : 8; }
+// Warps per block for NT token tiles. A block runs alone on its multiprocessor; 16 warps hide latency best, but
+// they leave 128 registers per thread, and the accumulators of NT >= 4 (32 NT floats) need more: 8 warps then.
+template <int NT>
+constexpr int kBlockWarps = NT <= 2 ? 16 : 8;
+__host__ __device__ constexpr int block_warps(int nt) { return nt <= 2 ? 16 : 8; }
+// Floats per (warp, token) row of the partial sums: 32 rows + 1 (at most 2 lanes of a warp store to one bank).
 constexpr int kPartialStride = kTileRows + 1;
 
 template <int BITS>
@@ -56,9 +64,11 @@ struct Lut {
     static_assert(kVectors % 32 == 0, "build_lut runs whole warps");
 };
 
-// Tiles in flight per lane: 4 * BITS registers each, about 32-40 registers of ring whatever BITS.
-template <int BITS>
-constexpr int kRingDepth = BITS == 2 ? 4 : BITS == 3 ? 3 : 2;
+// Tiles in flight per lane: 4 * BITS registers each, about 32-40 registers of ring whatever BITS. NT = 4 runs half
+// the warps with room for twice that (the same bytes in flight per multiprocessor); NT = 8's accumulators and B
+// fragments (96 registers) leave room for no more than the base ring.
+template <int BITS, int NT>
+constexpr int kRingDepth = (BITS == 2 ? 4 : BITS == 3 ? 3 : 2) * (NT == 4 ? 2 : 1);
 
 // What every problem shares: the weight (in the kernel layout; several stacked weights form one [E * N, K] layout)
 // and the work split. Problem-specific pointers and the output live in the Problem (see mma_kernel).
@@ -67,9 +77,9 @@ struct MmaParams {
     const uint4* absmax;
     const float* scale;
     const float* codebook;
-    int m;            // activation rows (tokens) per unit, <= kMmaMaxM: sizes the partial sums
+    int m;            // activation rows (tokens) per unit, <= 8 NT: sizes the partial sums
     int k, groups;
-    int slices_log2;  // K-slices (warps) per row tile; a unit is kWarps >> slices_log2 row tiles
+    int slices_log2;  // K-slices (warps) per row tile; a unit is kBlockWarps >> slices_log2 row tiles
     int steps;        // column tiles per K-slice and row tile: ceil(groups / slices)
 };
 
@@ -94,6 +104,14 @@ struct Act<__half> {
     static __device__ __forceinline__ void store(void* out, long long i, float v) {
         static_cast<__half*>(out)[i] = __float2half_rn(v);
     }
+    // (v, v) for v the low (high = false) or high half of the fp16 pair `h2`
+    static __device__ __forceinline__ uint32_t broadcast(uint32_t h2, bool high) {
+        return __byte_perm(h2, 0, high ? 0x3232 : 0x1010);
+    }
+    static __device__ __forceinline__ uint32_t mul(uint32_t a, uint32_t b) {
+        const __half2 r = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+        return *reinterpret_cast<const uint32_t*>(&r);
+    }
 };
 
 template <>
@@ -112,6 +130,17 @@ struct Act<__nv_bfloat16> {
     }
     static __device__ __forceinline__ void store(void* out, long long i, float v) {
         static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16_rn(v);
+    }
+    // (v, v) in bf16 for v the low (high = false) or high half of the fp16 pair `h2` (exact for E4M4 values)
+    static __device__ __forceinline__ uint32_t broadcast(uint32_t h2, bool high) {
+        const __half v = __ushort_as_half(static_cast<unsigned short>(high ? h2 >> 16 : h2 & 0xffff));
+        const float f = __half2float(v);
+        return pack(f, f);
+    }
+    static __device__ __forceinline__ uint32_t mul(uint32_t a, uint32_t b) {
+        const __nv_bfloat162 r =
+            __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+        return *reinterpret_cast<const uint32_t*>(&r);
     }
 };
 
@@ -138,7 +167,7 @@ template <int BITS, typename T>
 __device__ void build_lut(uint4* lut, float cb) {
     using L = Lut<BITS>;
     constexpr int kMask = (1 << BITS) - 1;
-    for (int q = threadIdx.x; q < L::kVectors; q += kThreads) {
+    for (int q = threadIdx.x; q < L::kVectors; q += blockDim.x) {
         const int key = q / L::kRowVectors;
         const auto value = [&](int index) { return __shfl_sync(~0u, cb, index); };
         uint4 v;
@@ -208,12 +237,14 @@ __device__ __forceinline__ void a_fragment(const uint32_t (&w)[4 * BITS], int b,
 }
 
 // acc += this lane's share of tile (rowtile, column tile kt) . x: acc[rt][nt][i] is row 16 rt + 8 (i / 2) + G,
-// token 8 nt + 2 c + i % 2 (the mma accumulator layout).
+// token 8 nt + 2 c + i % 2 (the mma accumulator layout), in units of the row scale / 16.
 // x_lane[nt]: this lane's 16-byte activations of token G + 8 nt, column tile 0 (null where the token is >= M).
 template <int BITS, int NT, typename T>
 __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32_t (&w)[4 * BITS], uint4 codes,
                                                 int kt, const uint4* const (&x_lane)[NT], uint32_t lut,
                                                 uint32_t copy_bytes, float (&acc)[2][NT][4]) {
+    // NT = 1: one FFMA per accumulator and block applies the absmax; NT >= 2: the weights are scaled instead.
+    constexpr bool kScaleWeights = NT >= 2;
     constexpr float kZero[4] = {0.f, 0.f, 0.f, 0.f};
     // No branch between the blocks, so that the compiler can overlap one block's lookups with another's MMAs: K
     // padding blocks multiply zero activations (and have absmax 0).
@@ -227,35 +258,55 @@ __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32
             xf[nt] = inside && x_lane[nt] != nullptr ? __ldg(x_lane[nt] + kt * (kTileK / 8) + b * (kBlockSize / 8))
                                                      : make_uint4(0, 0, 0, 0);
         }
-        // absmax / 16 of rows j = 0..3 (byte j of the block's code word)
+        // absmax / 16 of rows j = 0..3 (byte j of the block's code word) as fp16 pairs: rows 0, 1 and rows 2, 3
         const uint32_t word = b == 0 ? codes.x : b == 1 ? codes.y : b == 2 ? codes.z : codes.w;
-        uint32_t h01 = e4m4_pair_as_half2_div16(__byte_perm(word, 0, 0x4140));
-        uint32_t h23 = e4m4_pair_as_half2_div16(__byte_perm(word, 0, 0x4342));
-        const float2 s01 = __half22float2(*reinterpret_cast<const __half2*>(&h01));
-        const float2 s23 = __half22float2(*reinterpret_cast<const __half2*>(&h23));
-        const float absmax[kLaneRows] = {s01.x, s01.y, s23.x, s23.y};
+        const uint32_t h01 = e4m4_pair_as_half2_div16(__byte_perm(word, 0, 0x4140));
+        const uint32_t h23 = e4m4_pair_as_half2_div16(__byte_perm(word, 0, 0x4342));
 
+        if constexpr (kScaleWeights) {
+            const uint32_t absmax[kLaneRows] = {Act<T>::broadcast(h01, false), Act<T>::broadcast(h01, true),
+                                                Act<T>::broadcast(h23, false), Act<T>::broadcast(h23, true)};
 #pragma unroll
-        for (int rt = 0; rt < 2; ++rt) {
-            float block_acc[NT][4];
+            for (int rt = 0; rt < 2; ++rt) {
 #pragma unroll
-            for (int s = 0; s < 2; ++s) {
-                uint32_t a[4];
-                a_fragment<BITS>(w, b, rt, s, lut, copy_bytes, a);
+                for (int s = 0; s < 2; ++s) {
+                    uint32_t a[4];
+                    a_fragment<BITS>(w, b, rt, s, lut, copy_bytes, a);
 #pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    if (s == 0) {
-                        Act<T>::mma(block_acc[nt], a, xf[nt].x, xf[nt].y, kZero);
-                    } else {
-                        Act<T>::mma(block_acc[nt], a, xf[nt].z, xf[nt].w, block_acc[nt]);
+                    for (int r = 0; r < 4; ++r) a[r] = Act<T>::mul(a[r], absmax[2 * rt + r % 2]);
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        Act<T>::mma(acc[rt][nt], a, s == 0 ? xf[nt].x : xf[nt].z, s == 0 ? xf[nt].y : xf[nt].w,
+                                    acc[rt][nt]);
                     }
                 }
             }
+        } else {
+            const float2 s01 = __half22float2(*reinterpret_cast<const __half2*>(&h01));
+            const float2 s23 = __half22float2(*reinterpret_cast<const __half2*>(&h23));
+            const float absmax[kLaneRows] = {s01.x, s01.y, s23.x, s23.y};
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
+            for (int rt = 0; rt < 2; ++rt) {
+                float block_acc[NT][4];
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    acc[rt][nt][i] = fmaf(block_acc[nt][i], absmax[2 * rt + i / 2], acc[rt][nt][i]);
+                for (int s = 0; s < 2; ++s) {
+                    uint32_t a[4];
+                    a_fragment<BITS>(w, b, rt, s, lut, copy_bytes, a);
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        if (s == 0) {
+                            Act<T>::mma(block_acc[nt], a, xf[nt].x, xf[nt].y, kZero);
+                        } else {
+                            Act<T>::mma(block_acc[nt], a, xf[nt].z, xf[nt].w, block_acc[nt]);
+                        }
+                    }
+                }
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        acc[rt][nt][i] = fmaf(block_acc[nt][i], absmax[2 * rt + i / 2], acc[rt][nt][i]);
+                    }
                 }
             }
         }
@@ -267,7 +318,7 @@ __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32
 //   setup(Shared&)                   run by all threads first (may synchronize the block);
 //   units(const Shared&)             the number of units;
 //   rowtile(const Shared&, unit, sub) the row tile (of the stacked layout) that the warps `sub` (0 ..
-//                                    kWarps >> slices_log2) of `unit` decode, or -1 (none; also for unit >= units);
+//                                    kBlockWarps >> slices_log2) of `unit` decode, or -1 (none; also for unit >= units);
 //   begin_unit(Shared&, p, unit, warp, lane, x_lane, slot_factor)
 //                                    per warp, before the unit is decoded: this lane's activation pointers
 //                                    (x_lane[nt]: 16-byte activations of token G + 8 nt, column tile 0, at input
@@ -280,13 +331,13 @@ __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32
 // The row scales of a unit and the token factors are loaded when the unit starts and applied to the sums before
 // they go to shared memory, so that no global load stands between the unit's last MMA and its stores.
 template <class Problem, int BITS, int NT, typename T>
-__global__ void __launch_bounds__(kThreads, 1) mma_kernel(const MmaParams p, const Problem prob) {
-    extern __shared__ uint4 smem[];  // the table (Lut<BITS>::kBytes), the partial sums [kWarps][p.m][kPartialStride],
-                                     // then Problem::Shared
+__global__ void __launch_bounds__(kBlockWarps<NT> * 32, 1) mma_kernel(const MmaParams p, const Problem prob) {
+    extern __shared__ uint4 smem[];  // the table (Lut<BITS>::kBytes), the partial sums
+                                     // [kBlockWarps][p.m][kPartialStride], then Problem::Shared
     uint4* lut = smem;
     float* partial = reinterpret_cast<float*>(smem + Lut<BITS>::kBytes / 16);
-    auto& shared = *reinterpret_cast<typename Problem::Shared*>(partial + kWarps * p.m * kPartialStride);
-    constexpr int R = kRingDepth<BITS>;
+    auto& shared = *reinterpret_cast<typename Problem::Shared*>(partial + kBlockWarps<NT> * p.m * kPartialStride);
+    constexpr int R = kRingDepth<BITS, NT>;
 
     // The warp index through a shuffle from lane 0: provably uniform across the warp to the compiler, so per-warp
     // values and branches use the uniform datapath, and the table base folds into each lookup ([R + UR]).
@@ -413,15 +464,19 @@ inline int current_device() {
     return dev;
 }
 
-inline int multiprocessors() {
+// An attribute of the current device, cached per device.
+template <cudaDeviceAttr ATTRIBUTE>
+int device_attribute() {
     static std::array<int, kMaxDevices> cached{};
     const int dev = current_device();
     if (dev < kMaxDevices && cached[dev] != 0) return cached[dev];
     int value = 0;
-    check_cuda(cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+    check_cuda(cudaDeviceGetAttribute(&value, ATTRIBUTE, dev), "cudaDeviceGetAttribute");
     if (dev < kMaxDevices) cached[dev] = value;
     return value;
 }
+
+inline int multiprocessors() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 
 // K-slices per row tile (log2): enough warps for every column tile, up to `max_slices` (then each warp takes
 // several); a block whose warps outnumber the column tiles works on several row tiles at once.
@@ -439,35 +494,60 @@ inline MmaParams make_params(const KernelWeight& w, int m, int max_slices) {
             groups, slices_log2, (groups + slices - 1) / slices};
 }
 
+// Bytes of the table for `bits` (Lut<bits>::kBytes at run time).
+inline size_t lut_bytes(int bits) {
+    switch (bits) {
+        case 2: return Lut<2>::kBytes;
+        case 3: return Lut<3>::kBytes;
+        case 4: return Lut<4>::kBytes;
+        default: return Lut<5>::kBytes;
+    }
+}
+
+// Dynamic shared memory of a launch for m tokens: the table, the partial sums, then `problem_bytes`.
+inline size_t launch_smem(int bits, int m, size_t problem_bytes) {
+    return lut_bytes(bits) + problem_bytes +
+           static_cast<size_t>(block_warps(token_tiles(m))) * m * kPartialStride * sizeof(float);
+}
+
+// Most tokens one launch can take on this device: the partial sums of 64 tokens need more shared memory than
+// sm_86 / sm_89 give a block (99 KB); those run 32 per launch.
+inline int max_launch_tokens(int bits, size_t problem_bytes) {
+    const int limit = device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
+    int m = kMaxLaunchTokens;
+    while (m > 8 && launch_smem(bits, m, problem_bytes) > static_cast<size_t>(limit)) m /= 2;
+    return m;
+}
+
 template <class Problem, int BITS, int NT, typename T>
 void launch(const MmaParams& p, const Problem& prob, int grid, cudaStream_t stream) {
-    // Up to 64 KB of table and 33 KB of partial sums: above 48 KB a kernel must opt in. Once per device.
-    constexpr size_t kFixedSmem = Lut<BITS>::kBytes + sizeof(typename Problem::Shared);
-    constexpr size_t kMaxSmem = kFixedSmem + kWarps * kMmaMaxM * kPartialStride * sizeof(float);
+    // The table and the partial sums take more than 48 KB: a kernel must opt in, once per device, to the most it
+    // will use (8 NT tokens).
     static std::array<bool, kMaxDevices> opted_in{};
     const int dev = current_device();
     if (dev >= kMaxDevices || !opted_in[dev]) {
-        check_cuda(cudaFuncSetAttribute(mma_kernel<Problem, BITS, NT, T>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem),
+        check_cuda(cudaFuncSetAttribute(mma_kernel<Problem, BITS, NT, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        launch_smem(BITS, 8 * NT, sizeof(typename Problem::Shared))),
                    "cudaFuncSetAttribute(mma_kernel)");
         if (dev < kMaxDevices) opted_in[dev] = true;
     }
-    const size_t smem = kFixedSmem + static_cast<size_t>(kWarps) * p.m * kPartialStride * sizeof(float);
-    mma_kernel<Problem, BITS, NT, T><<<grid, kThreads, smem, stream>>>(p, prob);
+    const size_t smem = launch_smem(BITS, p.m, sizeof(typename Problem::Shared));
+    mma_kernel<Problem, BITS, NT, T><<<grid, kBlockWarps<NT> * 32, smem, stream>>>(p, prob);
     check_cuda(cudaGetLastError(), "mma kernel launch");
 }
 
-// Instantiates the kernel for the runtime bits, token tiles (M <= 8: one n8 tile, else two) and dtype.
-template <class Problem>
+// Instantiates the kernel for the runtime bits, token tiles (token_tiles(p.m), at most MAX_NT) and dtype.
+template <class Problem, int MAX_NT>
 void launch_any(const MmaParams& p, const Problem& prob, int bits, DType dtype, int grid, cudaStream_t stream) {
     const auto by_bits = [&](auto act) {
         using T = decltype(act);
         const auto by_tiles = [&](auto bits_constant) {
             constexpr int B = decltype(bits_constant)::value;
-            if (p.m > 8) {
-                launch<Problem, B, 2, T>(p, prob, grid, stream);
-            } else {
-                launch<Problem, B, 1, T>(p, prob, grid, stream);
+            switch (token_tiles(p.m)) {
+                case 1: launch<Problem, B, 1, T>(p, prob, grid, stream); break;
+                case 2: launch<Problem, B, 2, T>(p, prob, grid, stream); break;
+                case 4: if constexpr (MAX_NT >= 4) launch<Problem, B, 4, T>(p, prob, grid, stream); break;
+                default: if constexpr (MAX_NT >= 8) launch<Problem, B, 8, T>(p, prob, grid, stream); break;
             }
         };
         switch (bits) {

@@ -1,4 +1,4 @@
-// Grouped MoE experts for M = 1..kMmaMaxM tokens: out [M, H] = sum_j w[m, j] * expert_{id[m, j]}(x[m]), with
+// Grouped MoE experts for M = 1..kMoeMaxM tokens: out [M, H] = sum_j w[m, j] * expert_{id[m, j]}(x[m]), with
 // expert_e(x) = W2_e (act(W1_e x) * (W3_e x)), in three launches and no host synchronization (so a CUDA graph can
 // hold it whatever the routing):
 //   1. gate/up: the MMA kernel of mma_core.cuh over the stacked W13 [E * 2I, H]; a unit is one used expert x some
@@ -22,13 +22,15 @@ namespace {
 
 using namespace mma_core;
 
+constexpr int kMostWarps = block_warps(1);  // of any launch
+
 struct MoeShared {
     uint32_t used_bits[kMoeMaxExperts / 32];  // bit e: some pair chose expert e
     int16_t pair_expert[kMoeMaxPairs];        // expert of pair q, -1 for an id outside [0, E)
     int16_t used_expert[kMoeMaxPairs];        // the used experts, ascending
     int num_used;
-    uint8_t slot_pair[kWarps][kMmaMaxM];      // per warp: the pair of each token slot of its current unit
-    int slot_count[kWarps];
+    uint8_t slot_pair[kMostWarps][kMoeMaxM];  // per warp: the pair of each token slot of its current unit
+    int slot_count[kMostWarps];
 };
 static_assert(kMoeMaxPairs <= 256, "slot_pair holds pair indices in bytes");
 
@@ -59,13 +61,13 @@ struct MoeProblem {
     __device__ int out_rowtiles() const { return GATED ? rowtiles / 2 : rowtiles; }
 
     __device__ void setup(Shared& s) const {
-        for (int i = threadIdx.x; i < kMoeMaxExperts / 32; i += kThreads) s.used_bits[i] = 0;
-        for (int q = threadIdx.x; q < pairs; q += kThreads) {
+        for (int i = threadIdx.x; i < kMoeMaxExperts / 32; i += blockDim.x) s.used_bits[i] = 0;
+        for (int q = threadIdx.x; q < pairs; q += blockDim.x) {
             const int id = topk_ids[q];
             s.pair_expert[q] = static_cast<int16_t>(id >= 0 && id < experts ? id : -1);
         }
         __syncthreads();
-        for (int q = threadIdx.x; q < pairs; q += kThreads) {
+        for (int q = threadIdx.x; q < pairs; q += blockDim.x) {
             const int e = s.pair_expert[q];
             if (e >= 0) atomicOr(&s.used_bits[e >> 5], 1u << (e & 31));
         }
@@ -115,7 +117,7 @@ struct MoeProblem {
             const bool hit = q < pairs && s.pair_expert[q] == expert;
             const uint32_t mask = __ballot_sync(~0u, hit);
             const int slot = count + __popc(mask & ((1u << lane) - 1u));
-            if (hit && slot < kMmaMaxM) s.slot_pair[warp][slot] = static_cast<uint8_t>(q);
+            if (hit && slot < kMoeMaxM) s.slot_pair[warp][slot] = static_cast<uint8_t>(q);
             count += __popc(mask);
         }
         count = min(count, p.m);  // a token chooses an expert at most once, so count <= M
@@ -137,7 +139,7 @@ struct MoeProblem {
         const int count = s.slot_count[0];
         const int first = unit % units_per_expert * unit_outputs;
         const int out_rows = out_rowtiles() * kTileRows;  // I (GATED) or H
-        for (int o = threadIdx.x; o < unit_outputs * count * kTileRows; o += kThreads) {
+        for (int o = threadIdx.x; o < unit_outputs * count * kTileRows; o += blockDim.x) {
             const int row = o % kTileRows, slot = o / kTileRows % count, t = o / kTileRows / count;
             const int local = first + t;
             if (local >= out_rowtiles()) continue;
@@ -171,7 +173,7 @@ template <bool GATED>
 MoeProblem<GATED> make_problem(const MoeRouting& r, const MmaParams& p, const KernelWeight& w, const void* x,
                                void* out, int activation) {
     const int rowtiles = w.n / kTileRows;
-    const int unit_rowtiles = kWarps >> p.slices_log2;
+    const int unit_rowtiles = block_warps(token_tiles(r.m)) >> p.slices_log2;
     const int unit_outputs = GATED ? unit_rowtiles / 2 : unit_rowtiles;
     const int out_rowtiles = GATED ? rowtiles / 2 : rowtiles;
     return {r.topk_ids, r.topk_weights, x, out, r.m * r.top_k, r.top_k, r.experts, rowtiles, unit_outputs,
@@ -184,9 +186,10 @@ MoeProblem<GATED> make_problem(const MoeRouting& r, const MmaParams& p, const Ke
 int moe_max_slices(const MoeRouting& r, int out_rowtiles, bool gated) {
     const double unused = std::pow(1.0 - std::min(1.0, static_cast<double>(r.top_k) / r.experts), r.m);
     const double used = r.experts * (1.0 - unused);
-    const int most = gated ? kWarps / 2 : kWarps;  // GATED units hold gate and up row tiles in pairs
+    const int warps = block_warps(token_tiles(r.m));
+    const int most = gated ? warps / 2 : warps;  // GATED units hold gate and up row tiles in pairs
     for (int slices = 1; slices < most; slices *= 2) {
-        const int unit_outputs = gated ? kWarps / slices / 2 : kWarps / slices;
+        const int unit_outputs = gated ? warps / slices / 2 : warps / slices;
         if (used * ((out_rowtiles + unit_outputs - 1) / unit_outputs) >= 2.0 * multiprocessors()) return slices;
     }
     return most;
@@ -203,14 +206,16 @@ int moe_grid(const MoeRouting& r, int units_per_expert) {
 
 void moe_experts(void* out, const void* x, void* hidden, float* pair_out, const MoeRouting& r,
                  const KernelWeight& w13, const KernelWeight& w2, int activation, DType dtype, cudaStream_t stream) {
-    if (r.m < 1 || r.m > kMmaMaxM) throw std::invalid_argument("vllm_kbit.moe_experts: M must be in 1..16");
+    if (r.m < 1 || r.m > kMoeMaxM) throw std::invalid_argument("vllm_kbit.moe_experts: M must be in 1..kMoeMaxM");
     const MmaParams p13 = make_params(w13, r.m, moe_max_slices(r, w13.n / kTileRows / 2, true));
     const auto gate_up = make_problem<true>(r, p13, w13, x, hidden, activation);
-    launch_any(p13, gate_up, w13.bits, dtype, moe_grid(r, gate_up.units_per_expert), stream);
+    constexpr int kMaxTiles = token_tiles(kMoeMaxM);
+    launch_any<MoeProblem<true>, kMaxTiles>(p13, gate_up, w13.bits, dtype, moe_grid(r, gate_up.units_per_expert),
+                                            stream);
 
     const MmaParams p2 = make_params(w2, r.m, moe_max_slices(r, w2.n / kTileRows, false));
     const auto down = make_problem<false>(r, p2, w2, hidden, pair_out, activation);
-    launch_any(p2, down, w2.bits, dtype, moe_grid(r, down.units_per_expert), stream);
+    launch_any<MoeProblem<false>, kMaxTiles>(p2, down, w2.bits, dtype, moe_grid(r, down.units_per_expert), stream);
 
     constexpr int kSumThreads = 256;
     const int outputs = r.m * w2.n;

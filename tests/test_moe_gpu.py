@@ -88,7 +88,7 @@ def check(x, topk_weights, topk_ids, bits, dtype, activation="silu", num_experts
 # partial), the down GEMM has one padded column tile.
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", kf.SUPPORTED_BITS)
-@pytest.mark.parametrize("m", [1, 3, 7, 16])
+@pytest.mark.parametrize("m", [1, 3, 7, 16, 17, 32])
 def test_random_routing(m, bits, dtype):
     gen = torch.Generator().manual_seed(m * 10 + bits)
     topk_weights, topk_ids = random_routing(m, 64, 8, gen)
@@ -124,7 +124,7 @@ def test_ids_outside_the_experts_contribute_nothing():
     check(x, topk_weights, topk_ids, 4, torch.float16)
 
 
-@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("m", [1, 16, 32])
 def test_qwen3_30b_a3b_layer(m):
     # The real shape: H = 2048, 128 experts, top-8, I = 768 (unit sizes differ from the small shape's).
     gen = torch.Generator().manual_seed(17)
@@ -195,7 +195,7 @@ def test_invalid_arguments():
                        *ptrs, m, top_k, num_experts, 576, intermediate, 4, activation, 0,
                        torch.cuda.current_stream().cuda_stream)
 
-    for message, kwargs in {"M \\(tokens\\)": {"m": 17}, "M \\* top_k": {"top_k": 200},
+    for message, kwargs in {"M \\(tokens\\)": {"m": 33}, "M \\* top_k": {"top_k": 200},
                             "number of experts": {"num_experts": 2000},
                             "intermediate size": {"intermediate": 80}, "activation": {"activation": 3}}.items():
         with pytest.raises(ValueError, match=message):

@@ -33,7 +33,9 @@ class Tier:
 
 
 GPU_TIERS = (
-    Tier("mma", 1, 16, 80, "fused dequant + tensor-core MMA"),
+    # The MMA kernel reads the weight once per 64 tokens (32 on sm_86 / sm_89: less shared memory), so its cost
+    # grows with M in steps; past max_m, writing the dense weight once for cuBLAS is cheaper.
+    Tier("mma", 1, 64, 80, "fused dequant + tensor-core MMA"),
     Tier("dequant_cublas", 17, 1 << 62, 80, "dequantize + cuBLAS"),
 )
 CPU_TIER = Tier("cpu_dequant_matmul", 1, 1 << 62, 0, "dequantize + torch matmul (CPU)")
@@ -41,7 +43,7 @@ CPU_TIER = Tier("cpu_dequant_matmul", 1, 1 << 62, 0, "dequantize + torch matmul 
 # MoE experts (torch.ops.kbit.moe_experts). The grouped kernel reads each used expert once for all of its tokens;
 # it needs the limits below (kernels/kbit_ops.h), otherwise every expert is decoded and vLLM's fused MoE runs.
 MOE_GPU_TIERS = (
-    Tier("moe_grouped_mma", 1, 16, 80, "grouped fused dequant + MMA over the used experts"),
+    Tier("moe_grouped_mma", 1, 32, 80, "grouped fused dequant + MMA over the used experts"),
     Tier("moe_dequant_fused", 1, 1 << 62, 80, "dequantize all experts + vLLM fused_experts"),
 )
 MOE_CPU_TIER = Tier("moe_cpu_dequant_matmul", 1, 1 << 62, 0, "used experts dequantized + torch matmul (CPU)")

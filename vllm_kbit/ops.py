@@ -48,15 +48,16 @@ def tiers_for_device(device_index: int) -> tuple[capabilities.Tier, ...]:
 
 
 @functools.cache
-def _tier_by_m(device_index: int, max_m: int = 64) -> tuple[str, ...]:
-    """Tier name for M = 0..max_m (index = M), so the hot path is one tuple lookup."""
+def _tier_by_m(device_index: int) -> tuple[str, ...]:
+    """Tier name for M = 0.. (index = M) up to where the last tier starts, so the hot path is one tuple lookup."""
     tiers = tiers_for_device(device_index)
-    return tuple(next(t.name for t in tiers if t.min_m <= max(m, 1) <= t.max_m) for m in range(max_m + 1))
+    last_start = max(t.min_m for t in tiers)
+    return tuple(next(t.name for t in tiers if t.min_m <= max(m, 1) <= t.max_m) for m in range(last_start + 1))
 
 
 def tier_name(device_index: int, m: int) -> str:
     table = _tier_by_m(device_index)
-    return table[m] if m < len(table) else table[-1]
+    return table[min(m, len(table) - 1)]
 
 
 # ---------------------------------------------------------------------------------------------------
