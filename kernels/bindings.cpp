@@ -111,12 +111,11 @@ void moe_experts(uintptr_t out, uintptr_t x, uintptr_t hidden, uintptr_t pair_ou
     const kbit::KernelWeight w2 =
         check_weight(fn, w2_qweight, w2_absmax, w2_scale, codebook, experts * hidden_size, intermediate, bits);
     const DType dt = check_dtype(fn, dtype);
-    if (m < 1 || m > kbit::kMoeMaxM) {
-        fail(fn, "M (tokens) must be in 1.." + std::to_string(kbit::kMoeMaxM) + ", got " + std::to_string(m));
+    if (m < 1 || m > std::numeric_limits<int>::max()) {
+        fail(fn, "M (tokens) must be in 1..2^31-1, got " + std::to_string(m));
     }
-    if (top_k < 1 || m * top_k > kbit::kMoeMaxPairs) {
-        fail(fn, "M * top_k must be in 1.." + std::to_string(kbit::kMoeMaxPairs) + ", got " + std::to_string(m) +
-                     " * " + std::to_string(top_k));
+    if (top_k < 1 || top_k > kbit::kMoeMaxPairs) {
+        fail(fn, "top_k must be in 1.." + std::to_string(kbit::kMoeMaxPairs) + ", got " + std::to_string(top_k));
     }
     if (activation < kbit::kMoeSilu || activation > kbit::kMoeGeluTanh) {
         fail(fn, "activation must be 0 (silu), 1 (gelu) or 2 (gelu_tanh), got " + std::to_string(activation));
@@ -144,7 +143,6 @@ void moe_experts(uintptr_t out, uintptr_t x, uintptr_t hidden, uintptr_t pair_ou
 
 PYBIND11_MODULE(_C, mod) {
     mod.doc() = "kbit CUDA kernels (raw device pointers; see kernels/bindings.cpp)";
-    mod.attr("MOE_MAX_M") = kbit::kMoeMaxM;
     mod.attr("MOE_MAX_PAIRS") = kbit::kMoeMaxPairs;
     mod.attr("MOE_MAX_EXPERTS") = kbit::kMoeMaxExperts;
     mod.def("dequantize", &dequantize,
@@ -160,9 +158,9 @@ PYBIND11_MODULE(_C, mod) {
             py::arg("codebook"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("dtype"),
             py::arg("stream"));
     mod.def("moe_experts", &moe_experts,
-            "out [M, H] = sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(x[m]) for M in 1..MOE_MAX_M, M * top_k <= "
-            "MOE_MAX_PAIRS: grouped gate/up with the activation fused (0 silu, 1 gelu, 2 gelu_tanh), down with the "
-            "routing weights, sum over top_k. Weights: E stacked experts in the kernel layout (w13 [E, 2I, H], w2 "
+            "out [M, H] = sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(x[m]) for top_k <= MOE_MAX_PAIRS, in "
+            "chunks of up to 64 tokens: grouped gate/up with the activation fused (0 silu, 1 gelu, 2 gelu_tanh), "
+            "down with the routing weights, sum over top_k. Weights: E stacked experts in the kernel layout (w13 [E, 2I, H], w2 "
             "[E, H, I]); topk_ids int32, topk_weights fp32 [M, top_k]; workspace hidden [M * top_k, I] of dtype "
             "and pair_out fp32 [M * top_k, H].",
             py::arg("out"), py::arg("x"), py::arg("hidden"), py::arg("pair_out"), py::arg("topk_ids"),

@@ -23,9 +23,9 @@ struct KernelWeight {
     int bits;
 };
 
-// Grouped MoE kernel limits: tokens and M * top_k pairs per call, experts per layer (local experts of a rank).
-constexpr int kMoeMaxM = 32;
-constexpr int kMoeMaxPairs = 256;
+// Grouped MoE kernel limits: (token, expert) pairs per launch (so top_k <= kMoeMaxPairs), experts per layer (local
+// experts of a rank).
+constexpr int kMoeMaxPairs = 512;
 constexpr int kMoeMaxExperts = 1024;
 // Gated activations of the MoE experts: act(gate) * up.
 enum MoeActivation : int { kMoeSilu = 0, kMoeGelu = 1, kMoeGeluTanh = 2 };
@@ -45,8 +45,8 @@ void dequantize(void* out, const KernelWeight& w, DType dtype, cudaStream_t stre
 void mma(void* out, const void* x, const KernelWeight& w, int m, DType dtype, cudaStream_t stream);
 
 // out [m, H] = sum_j topk_weights[m, j] * W2_e (act(gate) * up), [gate | up] = W13_e x[m], e = topk_ids[m, j], for
-// 1 <= m <= kMoeMaxM and m * top_k <= kMoeMaxPairs. w13: E stacked [2I, H] weights (n = 2I per expert, I a multiple
-// of 32), w2: E stacked [H, I]. Workspace: hidden [m * top_k, I] of dtype, pair_out fp32 [m * top_k, H].
+// m >= 1 and top_k <= kMoeMaxPairs. w13: E stacked [2I, H] weights (n = 2I per expert, I a multiple of 32), w2: E
+// stacked [H, I]. Workspace: hidden [m * top_k, I] of dtype, pair_out fp32 [m * top_k, H].
 void moe_experts(void* out, const void* x, void* hidden, float* pair_out, const MoeRouting& routing,
                  const KernelWeight& w13, const KernelWeight& w2, int activation, DType dtype, cudaStream_t stream);
 

@@ -45,10 +45,11 @@ constexpr int kMaxTokenTiles = 8;
 constexpr int kMaxLaunchTokens = 8 * kMaxTokenTiles;
 __host__ __device__ constexpr int token_tiles(int m) { return m <= 8 ? 1 : m <= 16 ? 2 : m <= 32 ? 4 : 8; }
 // Warps per block for NT token tiles. A block runs alone on its multiprocessor; 16 warps hide latency best, but
-// they leave 128 registers per thread, and the accumulators of NT >= 4 (32 NT floats) need more: 8 warps then.
-template <int NT>
-constexpr int kBlockWarps = NT <= 2 ? 16 : 8;
+// they leave 128 registers per thread, where NT >= 4 (8 NT accumulators and 4 NT B-fragment registers per lane)
+// spills: 8 warps then.
 __host__ __device__ constexpr int block_warps(int nt) { return nt <= 2 ? 16 : 8; }
+template <int NT>
+constexpr int kBlockWarps = block_warps(NT);
 // Floats per (warp, token) row of the partial sums: 32 rows + 1 (at most 2 lanes of a warp store to one bank).
 constexpr int kPartialStride = kTileRows + 1;
 

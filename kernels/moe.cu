@@ -1,6 +1,7 @@
-// Grouped MoE experts for M = 1..kMoeMaxM tokens: out [M, H] = sum_j w[m, j] * expert_{id[m, j]}(x[m]), with
-// expert_e(x) = W2_e (act(W1_e x) * (W3_e x)), in three launches and no host synchronization (so a CUDA graph can
-// hold it whatever the routing):
+// Grouped MoE experts: out [M, H] = sum_j w[m, j] * expert_{id[m, j]}(x[m]), with expert_e(x) = W2_e (act(W1_e x)
+// * (W3_e x)), for each chunk of tokens (as many as one launch takes: 64, fewer on GPUs with less shared memory or
+// for top_k > 8) in two launches, then one sum, and no host synchronization (so a CUDA graph can hold it whatever
+// the routing):
 //   1. gate/up: the MMA kernel of mma_core.cuh over the stacked W13 [E * 2I, H]; a unit is one used expert x some
 //      gate row tiles and their up row tiles (rows I further), so the activation is applied where the sums are
 //      finished, and act(gate) * up goes to hidden [pair, I] (pair = m * top_k + j, in the activation dtype, as
@@ -29,10 +30,9 @@ struct MoeShared {
     int16_t pair_expert[kMoeMaxPairs];        // expert of pair q, -1 for an id outside [0, E)
     int16_t used_expert[kMoeMaxPairs];        // the used experts, ascending
     int num_used;
-    uint8_t slot_pair[kMostWarps][kMoeMaxM];  // per warp: the pair of each token slot of its current unit
+    uint16_t slot_pair[kMostWarps][kMaxLaunchTokens];  // per warp: the pair of each token slot of its current unit
     int slot_count[kMostWarps];
 };
-static_assert(kMoeMaxPairs <= 256, "slot_pair holds pair indices in bytes");
 
 __device__ __forceinline__ float activate(int activation, float g) {
     switch (activation) {
@@ -117,7 +117,7 @@ struct MoeProblem {
             const bool hit = q < pairs && s.pair_expert[q] == expert;
             const uint32_t mask = __ballot_sync(~0u, hit);
             const int slot = count + __popc(mask & ((1u << lane) - 1u));
-            if (hit && slot < kMoeMaxM) s.slot_pair[warp][slot] = static_cast<uint8_t>(q);
+            if (hit && slot < kMaxLaunchTokens) s.slot_pair[warp][slot] = static_cast<uint16_t>(q);
             count += __popc(mask);
         }
         count = min(count, p.m);  // a token chooses an expert at most once, so count <= M
@@ -204,28 +204,44 @@ int moe_grid(const MoeRouting& r, int units_per_expert) {
 
 }  // namespace
 
-void moe_experts(void* out, const void* x, void* hidden, float* pair_out, const MoeRouting& r,
+void moe_experts(void* out, const void* x, void* hidden, float* pair_out, const MoeRouting& routing,
                  const KernelWeight& w13, const KernelWeight& w2, int activation, DType dtype, cudaStream_t stream) {
-    if (r.m < 1 || r.m > kMoeMaxM) throw std::invalid_argument("vllm_kbit.moe_experts: M must be in 1..kMoeMaxM");
-    const MmaParams p13 = make_params(w13, r.m, moe_max_slices(r, w13.n / kTileRows / 2, true));
-    const auto gate_up = make_problem<true>(r, p13, w13, x, hidden, activation);
-    constexpr int kMaxTiles = token_tiles(kMoeMaxM);
-    launch_any<MoeProblem<true>, kMaxTiles>(p13, gate_up, w13.bits, dtype, moe_grid(r, gate_up.units_per_expert),
-                                            stream);
+    if (routing.m < 1 || routing.top_k < 1 || routing.top_k > kMoeMaxPairs) {
+        throw std::invalid_argument("vllm_kbit.moe_experts: M must be >= 1 and top_k in 1..kMoeMaxPairs");
+    }
+    const int intermediate = w13.n / 2, hidden_size = w2.n;
+    constexpr size_t kElementBytes = 2;  // fp16 / bf16
+    // Tokens per launch: the token slots and partial sums of one launch, and kMoeMaxPairs pairs.
+    const int per_launch = std::min(max_launch_tokens(w13.bits, sizeof(MoeShared)), kMoeMaxPairs / routing.top_k);
+    for (int first = 0; first < routing.m; first += per_launch) {
+        const long long first_pair = static_cast<long long>(first) * routing.top_k;
+        const MoeRouting r{routing.topk_ids + first_pair, routing.topk_weights + first_pair,
+                           std::min(per_launch, routing.m - first), routing.top_k, routing.experts};
+        const void* x_chunk = static_cast<const char*>(x) + first * static_cast<size_t>(hidden_size) * kElementBytes;
+        void* hidden_chunk = static_cast<char*>(hidden) + first_pair * intermediate * kElementBytes;
+        float* pair_out_chunk = pair_out + first_pair * hidden_size;
 
-    const MmaParams p2 = make_params(w2, r.m, moe_max_slices(r, w2.n / kTileRows, false));
-    const auto down = make_problem<false>(r, p2, w2, hidden, pair_out, activation);
-    launch_any<MoeProblem<false>, kMaxTiles>(p2, down, w2.bits, dtype, moe_grid(r, down.units_per_expert), stream);
+        const MmaParams p13 = make_params(w13, r.m, moe_max_slices(r, w13.n / kTileRows / 2, true));
+        const auto gate_up = make_problem<true>(r, p13, w13, x_chunk, hidden_chunk, activation);
+        launch_any<MoeProblem<true>, kMaxTokenTiles>(p13, gate_up, w13.bits, dtype,
+                                                     moe_grid(r, gate_up.units_per_expert), stream);
 
+        const MmaParams p2 = make_params(w2, r.m, moe_max_slices(r, w2.n / kTileRows, false));
+        const auto down = make_problem<false>(r, p2, w2, hidden_chunk, pair_out_chunk, activation);
+        launch_any<MoeProblem<false>, kMaxTokenTiles>(p2, down, w2.bits, dtype, moe_grid(r, down.units_per_expert),
+                                                      stream);
+    }
+
+    const MoeRouting& r = routing;
     constexpr int kSumThreads = 256;
-    const int outputs = r.m * w2.n;
+    const int outputs = r.m * hidden_size;
     const int blocks = (outputs + kSumThreads - 1) / kSumThreads;
     if (dtype == DType::kFloat16) {
-        moe_sum_kernel<__half><<<blocks, kSumThreads, 0, stream>>>(out, pair_out, r.topk_ids, r.m, r.top_k, w2.n,
-                                                                    r.experts);
+        moe_sum_kernel<__half><<<blocks, kSumThreads, 0, stream>>>(out, pair_out, r.topk_ids, r.m, r.top_k,
+                                                                    hidden_size, r.experts);
     } else {
         moe_sum_kernel<__nv_bfloat16><<<blocks, kSumThreads, 0, stream>>>(out, pair_out, r.topk_ids, r.m, r.top_k,
-                                                                           w2.n, r.experts);
+                                                                           hidden_size, r.experts);
     }
     check_cuda(cudaGetLastError(), "moe_sum kernel launch");
 }

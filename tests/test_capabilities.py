@@ -18,15 +18,15 @@ def test_dense_tiers_cover_every_m_once(compiled):
 
 def test_dense_plan_for_hopper():
     tiers = caps.available_tiers(90, COMPILED)
-    assert caps.describe_tiers(tiers) == "M=1..128: mma, M=129..: dequant_cublas"
+    assert caps.describe_tiers(tiers) == "M=1..64: mma, M=65..: dequant_cublas"
 
 
 @pytest.mark.parametrize("m,top_k,experts,intermediate,tier", [
     (1, 8, 128, 768, "moe_grouped_mma"),
-    (32, 8, 128, 768, "moe_grouped_mma"),            # 256 pairs: the limit
-    (33, 4, 128, 768, "moe_dequant_fused"),          # more tokens than the kernel's token slots
-    (16, 16, 512, 512, "moe_grouped_mma"),
-    (13, 20, 512, 512, "moe_dequant_fused"),         # 260 pairs
+    (64, 8, 128, 768, "moe_grouped_mma"),
+    (64, 10, 512, 512, "moe_grouped_mma"),           # 640 pairs: two launches
+    (65, 4, 128, 768, "moe_dequant_fused"),          # past the tier's M
+    (1, 513, 1024, 512, "moe_dequant_fused"),        # more pairs than one launch takes for one token
     (4, 8, 2048, 768, "moe_dequant_fused"),          # more experts than the used-expert bitmap holds
     (4, 8, 128, 48, "moe_dequant_fused"),            # gate and up row tiles would not pair up
 ])
@@ -35,8 +35,7 @@ def test_moe_tier(m, top_k, experts, intermediate, tier):
 
 
 def test_moe_plan_names_the_limits():
-    assert caps.describe_moe_plan(10, 512, 512).startswith("M=1..25: moe_grouped_mma, M=26..: moe_dequant_fused")
-    assert caps.describe_moe_plan(32, 64, 256).startswith("M=1..8: moe_grouped_mma")  # 8 * 32 = 256 pairs
+    assert caps.describe_moe_plan(10, 512, 512).startswith("M=1..64: moe_grouped_mma, M=65..: moe_dequant_fused")
     plan = caps.describe_moe_plan(8, 128, 48)
     assert plan.startswith("every M: moe_dequant_fused") and "not a multiple of 32" in plan
 

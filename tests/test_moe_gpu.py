@@ -88,10 +88,11 @@ def check(x, topk_weights, topk_ids, bits, dtype, activation="silu", num_experts
 # partial), the down GEMM has one padded column tile.
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", kf.SUPPORTED_BITS)
-@pytest.mark.parametrize("m", [1, 3, 7, 16, 17, 32])
-def test_random_routing(m, bits, dtype):
+@pytest.mark.parametrize("m,top_k", [(1, 8), (3, 8), (7, 8), (16, 8), (17, 8), (32, 8), (64, 8), (64, 10), (100, 4)])
+def test_random_routing(m, top_k, bits, dtype):
+    # top-10 of 64 tokens and 100 tokens: more than one launch (at most 512 pairs and 64 tokens each)
     gen = torch.Generator().manual_seed(m * 10 + bits)
-    topk_weights, topk_ids = random_routing(m, 64, 8, gen)
+    topk_weights, topk_ids = random_routing(m, 64, top_k, gen)
     x = torch.randn(m, 576, generator=gen).to(dtype).cuda()
     check(x, topk_weights, topk_ids, bits, dtype)
 
@@ -124,7 +125,7 @@ def test_ids_outside_the_experts_contribute_nothing():
     check(x, topk_weights, topk_ids, 4, torch.float16)
 
 
-@pytest.mark.parametrize("m", [1, 16, 32])
+@pytest.mark.parametrize("m", [1, 16, 64])
 def test_qwen3_30b_a3b_layer(m):
     # The real shape: H = 2048, 128 experts, top-8, I = 768 (unit sizes differ from the small shape's).
     gen = torch.Generator().manual_seed(17)
@@ -160,10 +161,10 @@ def test_cuda_graph_follows_the_routing():
         assert torch.equal(out, eager)
 
 
-@pytest.mark.parametrize("m", [2, 40])
+@pytest.mark.parametrize("m", [2, 40, 80])
 def test_op_every_tier(m):
-    # torch.ops.kbit.moe_experts: M = 2 takes the grouped kernel, M = 40 (40 * 8 pairs > 256) the dequantize +
-    # vLLM fused MoE path (needs vLLM).
+    # torch.ops.kbit.moe_experts: M = 2 and 40 take the grouped kernel, M = 80 the dequantize + vLLM fused MoE path
+    # (needs vLLM).
     from vllm_kbit import capabilities
 
     tier = capabilities.moe_tier(m, 8, 64, 96)
@@ -195,7 +196,7 @@ def test_invalid_arguments():
                        *ptrs, m, top_k, num_experts, 576, intermediate, 4, activation, 0,
                        torch.cuda.current_stream().cuda_stream)
 
-    for message, kwargs in {"M \\(tokens\\)": {"m": 33}, "M \\* top_k": {"top_k": 200},
+    for message, kwargs in {"M \\(tokens\\)": {"m": 0}, "top_k": {"top_k": 600},
                             "number of experts": {"num_experts": 2000},
                             "intermediate size": {"intermediate": 80}, "activation": {"activation": 3}}.items():
         with pytest.raises(ValueError, match=message):

@@ -33,21 +33,22 @@ class Tier:
 
 
 GPU_TIERS = (
-    # The MMA kernel reads the weight once per 64 tokens (32 on sm_86 / sm_89: less shared memory), so its cost
-    # grows with M in steps; past max_m, writing the dense weight once for cuBLAS is cheaper.
+    # The MMA kernel reads the weight once per launch of 64 tokens (32 on sm_86 / sm_89: less shared memory); on an
+    # H100 two launches (M = 128) already lose to writing the dense weight once for cuBLAS.
     Tier("mma", 1, 64, 80, "fused dequant + tensor-core MMA"),
-    Tier("dequant_cublas", 17, 1 << 62, 80, "dequantize + cuBLAS"),
+    Tier("dequant_cublas", 65, 1 << 62, 80, "dequantize + cuBLAS"),
 )
 CPU_TIER = Tier("cpu_dequant_matmul", 1, 1 << 62, 0, "dequantize + torch matmul (CPU)")
 
-# MoE experts (torch.ops.kbit.moe_experts). The grouped kernel reads each used expert once for all of its tokens;
-# it needs the limits below (kernels/kbit_ops.h), otherwise every expert is decoded and vLLM's fused MoE runs.
+# MoE experts (torch.ops.kbit.moe_experts). The grouped kernel reads each used expert once per launch for all of its
+# tokens (a launch takes up to 64 tokens and 512 (token, expert) pairs); it needs the limits below
+# (kernels/kbit_ops.h), otherwise every expert is decoded and vLLM's fused MoE runs.
 MOE_GPU_TIERS = (
-    Tier("moe_grouped_mma", 1, 32, 80, "grouped fused dequant + MMA over the used experts"),
+    Tier("moe_grouped_mma", 1, 64, 80, "grouped fused dequant + MMA over the used experts"),
     Tier("moe_dequant_fused", 1, 1 << 62, 80, "dequantize all experts + vLLM fused_experts"),
 )
 MOE_CPU_TIER = Tier("moe_cpu_dequant_matmul", 1, 1 << 62, 0, "used experts dequantized + torch matmul (CPU)")
-MOE_MAX_PAIRS = 256          # tokens * top_k per call
+MOE_MAX_PAIRS = 512          # tokens * top_k per launch, so the most top_k
 MOE_MAX_EXPERTS = 1024       # local experts per layer
 MOE_INTERMEDIATE_ALIGN = 32  # intermediate size per rank: gate and up row tiles pair up
 
@@ -65,8 +66,7 @@ def moe_grouped_limits(top_k: int, experts: int, intermediate: int) -> str | Non
 
 def moe_tier(m: int, top_k: int, experts: int, intermediate: int) -> Tier:
     grouped, fallback = MOE_GPU_TIERS
-    if (m <= grouped.max_m and m * top_k <= MOE_MAX_PAIRS
-            and moe_grouped_limits(top_k, experts, intermediate) is None):
+    if m <= grouped.max_m and moe_grouped_limits(top_k, experts, intermediate) is None:
         return grouped
     return fallback
 
@@ -76,7 +76,7 @@ def describe_moe_plan(top_k: int, experts: int, intermediate: int) -> str:
     why_not = moe_grouped_limits(top_k, experts, intermediate)
     if why_not is not None:
         return f"every M: {fallback.name} ({fallback.what}; the grouped kernel cannot: {why_not})"
-    last = min(grouped.max_m, MOE_MAX_PAIRS // top_k)
+    last = grouped.max_m
     return f"M=1..{last}: {grouped.name}, M={last + 1}..: {fallback.name} ({fallback.what})"
 
 
