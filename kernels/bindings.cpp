@@ -160,9 +160,9 @@ PYBIND11_MODULE(_C, mod) {
     mod.def("moe_experts", &moe_experts,
             "out [M, H] = sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(x[m]) for top_k <= MOE_MAX_PAIRS, in "
             "chunks of up to 64 tokens: grouped gate/up with the activation fused (0 silu, 1 gelu, 2 gelu_tanh), "
-            "down with the routing weights, sum over top_k. Weights: E stacked experts in the kernel layout (w13 [E, 2I, H], w2 "
-            "[E, H, I]); topk_ids int32, topk_weights fp32 [M, top_k]; workspace hidden [M * top_k, I] of dtype "
-            "and pair_out fp32 [M * top_k, H].",
+            "down with the routing weights, sum over top_k. Weights: E stacked experts in the kernel layout (w13 "
+            "[E, 2I, H], w2 [E, H, I]); topk_ids int32, topk_weights fp32 [M, top_k]; workspace hidden [M * top_k, "
+            "I] of dtype and pair_out fp32 [M * top_k, H].",
             py::arg("out"), py::arg("x"), py::arg("hidden"), py::arg("pair_out"), py::arg("topk_ids"),
             py::arg("topk_weights"), py::arg("w13_qweight"), py::arg("w13_absmax"), py::arg("w13_scale"),
             py::arg("w2_qweight"), py::arg("w2_absmax"), py::arg("w2_scale"), py::arg("codebook"), py::arg("M"),

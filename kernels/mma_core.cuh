@@ -4,12 +4,13 @@
 //
 // Product. Per 32 x 32 block (32 rows, one quantization block of inputs) of a tile, each lane of the warp holds
 // the A fragments of mma.sync m16n8k16 for two 16-row halves x two 16-input steps (the layout's lane map,
-// kbit_format.cuh), x supplies the B fragments (tokens as the n8 columns; M > 8 takes two), and the fp32
-// accumulators of the block are multiplied by the rows' absmax and added to the running sums: one FFMA per
-// accumulator per block. With more than one token tile (M > 8) that costs more than scaling the A fragments
-// instead (four half2 multiplies per fragment, whatever M), so those kernels multiply the decoded weights by their
-// absmax and let the MMAs accumulate across blocks. The row scale is applied once per output. Activations enter the MMA in their own dtype
-// (fp16 or bf16), so no range scaling is needed; the codebook is rounded to that dtype.
+// kbit_format.cuh), x supplies the B fragments (tokens as the n8 columns: one token tile per 8 tokens, up to 8
+// tiles per launch), and the fp32 accumulators of the block are multiplied by the rows' absmax and added to the
+// running sums: one FFMA per accumulator per block. With more than one token tile (M > 8) that costs more than
+// scaling the A fragments instead (four half2 multiplies per fragment, whatever M), so those kernels multiply the
+// decoded weights by their absmax and let the MMAs accumulate across blocks. The row scale is applied once per
+// output. Activations enter the MMA in their own dtype (fp16 or bf16), so no range scaling is needed; the codebook
+// is rounded to that dtype.
 //
 // Decode. A shared-memory table maps a key, the contiguous stream field of several adjacent weights, to their
 // codebook values as packed 16-bit pairs: k=2 keys 4 weights (8 bits, 8-byte entries: two A registers), k=3 and
@@ -319,7 +320,8 @@ __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32
 //   setup(Shared&)                   run by all threads first (may synchronize the block);
 //   units(const Shared&)             the number of units;
 //   rowtile(const Shared&, unit, sub) the row tile (of the stacked layout) that the warps `sub` (0 ..
-//                                    kBlockWarps >> slices_log2) of `unit` decode, or -1 (none; also for unit >= units);
+//                                    kBlockWarps >> slices_log2) of `unit` decode, or -1 (none; also for
+//                                    unit >= units);
 //   begin_unit(Shared&, p, unit, warp, lane, x_lane, slot_factor)
 //                                    per warp, before the unit is decoded: this lane's activation pointers
 //                                    (x_lane[nt]: 16-byte activations of token G + 8 nt, column tile 0, at input
