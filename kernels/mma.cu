@@ -1,7 +1,7 @@
 // MMA tier: out [M, n] = x [M, k] @ W^T with W in the kernel layout, read from HBM once per launch of up to 64
 // tokens and decoded in registers straight into tensor-core operands, so the decode cost per weight does not
 // depend on M (a fragment feeds one MMA per 8 tokens). The machinery is mma_core.cuh; here a unit is
-// kBlockWarps >> slices_log2 consecutive row tiles, token m reads row m of x, and the sums are stored as they are.
+// block_warps(NT) >> slices_log2 consecutive row tiles, token m reads row m of x, and the sums are stored as they are.
 #include <algorithm>
 
 #include "mma_core.cuh"
@@ -55,8 +55,9 @@ void mma(void* out, const void* x, const KernelWeight& w, int m, DType dtype, cu
     constexpr size_t kElementBytes = 2;  // fp16 / bf16
     for (int first = 0; first < m; first += per_launch) {
         const int tokens = std::min(per_launch, m - first);
-        const MmaParams p = make_params(w, tokens, block_warps(token_tiles(tokens)));
-        const int unit_rowtiles = block_warps(token_tiles(tokens)) >> p.slices_log2;
+        const int warps = block_warps(token_tiles(tokens));
+        const MmaParams p = make_params(w, tokens, warps);
+        const int unit_rowtiles = warps >> p.slices_log2;
         const DenseProblem prob{static_cast<char*>(out) + first * static_cast<size_t>(w.n) * kElementBytes,
                                 static_cast<const char*>(x) + first * static_cast<size_t>(w.k) * kElementBytes, w.n,
                                 rowtiles, unit_rowtiles};

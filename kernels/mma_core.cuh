@@ -23,7 +23,7 @@
 // Work split. The unit of work is a set of row tiles (32 rows each) over all of K, so a unit ends in finished
 // outputs: no workspace, no atomics, deterministic. The warps of a block split a unit's column tiles (K-slices)
 // and their sums meet in shared memory at the unit's end, where the Problem stores them. Blocks are persistent,
-// one per multiprocessor with kBlockWarps warps (the table is built once per block), and take units blockIdx.x,
+// one per multiprocessor with block_warps(NT) warps (the table is built once per block), and take units blockIdx.x,
 // blockIdx.x + gridDim.x, ... Each lane streams its tiles, unit after unit, through a ring of tiles held in
 // registers (about 64 KB in flight per multiprocessor): the ring is filled before the table is built, and a slot
 // is refilled with the lane's next tile (also one of the next unit) as soon as it is decoded. Activations are
@@ -49,8 +49,6 @@ __host__ __device__ constexpr int token_tiles(int m) { return m <= 8 ? 1 : m <= 
 // they leave 128 registers per thread, where NT >= 4 (8 NT accumulators and 4 NT B-fragment registers per lane)
 // spills: 8 warps then.
 __host__ __device__ constexpr int block_warps(int nt) { return nt <= 2 ? 16 : 8; }
-template <int NT>
-constexpr int kBlockWarps = block_warps(NT);
 // Floats per (warp, token) row of the partial sums: 32 rows + 1 (at most 2 lanes of a warp store to one bank).
 constexpr int kPartialStride = kTileRows + 1;
 
@@ -81,7 +79,7 @@ struct MmaParams {
     const float* codebook;
     int m;            // activation rows (tokens) per unit, <= 8 NT: sizes the partial sums
     int k, groups;
-    int slices_log2;  // K-slices (warps) per row tile; a unit is kBlockWarps >> slices_log2 row tiles
+    int slices_log2;  // K-slices (warps) per row tile; a unit is block_warps(NT) >> slices_log2 row tiles
     int steps;        // column tiles per K-slice and row tile: ceil(groups / slices)
 };
 
@@ -320,7 +318,7 @@ __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32
 //   setup(Shared&)                   run by all threads first (may synchronize the block);
 //   units(const Shared&)             the number of units;
 //   rowtile(const Shared&, unit, sub) the row tile (of the stacked layout) that the warps `sub` (0 ..
-//                                    kBlockWarps >> slices_log2) of `unit` decode, or -1 (none; also for
+//                                    block_warps(NT) >> slices_log2) of `unit` decode, or -1 (none; also for
 //                                    unit >= units);
 //   begin_unit(Shared&, p, unit, warp, lane, x_lane, slot_factor)
 //                                    per warp, before the unit is decoded: this lane's activation pointers
@@ -334,12 +332,12 @@ __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32
 // The row scales of a unit and the token factors are loaded when the unit starts and applied to the sums before
 // they go to shared memory, so that no global load stands between the unit's last MMA and its stores.
 template <class Problem, int BITS, int NT, typename T>
-__global__ void __launch_bounds__(kBlockWarps<NT> * 32, 1) mma_kernel(const MmaParams p, const Problem prob) {
+__global__ void __launch_bounds__(block_warps(NT) * 32, 1) mma_kernel(const MmaParams p, const Problem prob) {
     extern __shared__ uint4 smem[];  // the table (Lut<BITS>::kBytes), the partial sums
-                                     // [kBlockWarps][p.m][kPartialStride], then Problem::Shared
+                                     // [block_warps(NT)][p.m][kPartialStride], then Problem::Shared
     uint4* lut = smem;
     float* partial = reinterpret_cast<float*>(smem + Lut<BITS>::kBytes / 16);
-    auto& shared = *reinterpret_cast<typename Problem::Shared*>(partial + kBlockWarps<NT> * p.m * kPartialStride);
+    auto& shared = *reinterpret_cast<typename Problem::Shared*>(partial + block_warps(NT) * p.m * kPartialStride);
     constexpr int R = kRingDepth<BITS, NT>;
 
     // The warp index through a shuffle from lane 0: provably uniform across the warp to the compiler, so per-warp
@@ -535,7 +533,7 @@ void launch(const MmaParams& p, const Problem& prob, int grid, cudaStream_t stre
         if (dev < kMaxDevices) opted_in[dev] = true;
     }
     const size_t smem = launch_smem(BITS, p.m, sizeof(typename Problem::Shared));
-    mma_kernel<Problem, BITS, NT, T><<<grid, kBlockWarps<NT> * 32, smem, stream>>>(p, prob);
+    mma_kernel<Problem, BITS, NT, T><<<grid, block_warps(NT) * 32, smem, stream>>>(p, prob);
     check_cuda(cudaGetLastError(), "mma kernel launch");
 }
 

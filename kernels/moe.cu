@@ -232,16 +232,16 @@ void moe_experts(void* out, const void* x, void* hidden, float* pair_out, const 
                                                       stream);
     }
 
-    const MoeRouting& r = routing;
     constexpr int kSumThreads = 256;
-    const int outputs = r.m * hidden_size;
-    const int blocks = (outputs + kSumThreads - 1) / kSumThreads;
+    const int blocks = (routing.m * hidden_size + kSumThreads - 1) / kSumThreads;
+    const auto sum = [&](auto* kernel) {
+        kernel<<<blocks, kSumThreads, 0, stream>>>(out, pair_out, routing.topk_ids, routing.m, routing.top_k,
+                                                   hidden_size, routing.experts);
+    };
     if (dtype == DType::kFloat16) {
-        moe_sum_kernel<__half><<<blocks, kSumThreads, 0, stream>>>(out, pair_out, r.topk_ids, r.m, r.top_k,
-                                                                    hidden_size, r.experts);
+        sum(moe_sum_kernel<__half>);
     } else {
-        moe_sum_kernel<__nv_bfloat16><<<blocks, kSumThreads, 0, stream>>>(out, pair_out, r.topk_ids, r.m, r.top_k,
-                                                                           hidden_size, r.experts);
+        sum(moe_sum_kernel<__nv_bfloat16>);
     }
     check_cuda(cudaGetLastError(), "moe_sum kernel launch");
 }
