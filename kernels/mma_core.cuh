@@ -25,7 +25,7 @@
 // and their sums meet in shared memory at the unit's end, where the Problem stores them. Blocks are persistent,
 // one per multiprocessor with block_warps(NT) warps (the table is built once per block), and take units blockIdx.x,
 // blockIdx.x + gridDim.x, ... Each lane streams its tiles, unit after unit, through a ring of tiles held in
-// registers (about 64 KB in flight per multiprocessor): the ring is filled before the table is built, and a slot
+// registers (32-64 KB in flight per multiprocessor): the ring is filled before the table is built, and a slot
 // is refilled with the lane's next tile (also one of the next unit) as soon as it is decoded. Activations are
 // read per block straight from global memory through L1 (they are small and shared by every row tile).
 #pragma once
@@ -46,9 +46,10 @@ constexpr int kMaxTokenTiles = 8;
 constexpr int kMaxLaunchTokens = 8 * kMaxTokenTiles;
 __host__ __device__ constexpr int token_tiles(int m) { return m <= 8 ? 1 : m <= 16 ? 2 : m <= 32 ? 4 : 8; }
 // Warps per block for NT token tiles. A block runs alone on its multiprocessor; 16 warps hide latency best, but
-// they leave 128 registers per thread, where NT >= 4 (8 NT accumulators and 4 NT B-fragment registers per lane)
-// spills: 8 warps then.
-__host__ __device__ constexpr int block_warps(int nt) { return nt <= 2 ? 16 : 8; }
+// they leave 128 registers per thread: NT = 4 (32 accumulators and 16 B-fragment registers per lane) fits with a
+// ring of one tile and spills a few bytes (3-23% faster than 8 warps with a ring of four on an H100); NT = 8 would
+// spill hundreds of bytes (35% slower), so it runs 8 warps.
+__host__ __device__ constexpr int block_warps(int nt) { return nt <= 4 ? 16 : 8; }
 // Floats per (warp, token) row of the partial sums: 32 rows + 1 (at most 2 lanes of a warp store to one bank).
 constexpr int kPartialStride = kTileRows + 1;
 
@@ -64,11 +65,11 @@ struct Lut {
     static_assert(kVectors % 32 == 0, "build_lut runs whole warps");
 };
 
-// Tiles in flight per lane: 4 * BITS registers each, about 32-40 registers of ring whatever BITS. NT = 4 runs half
-// the warps with room for twice that (the same bytes in flight per multiprocessor); NT = 8's accumulators and B
-// fragments (96 registers) leave room for no more than the base ring.
+// Tiles in flight per lane: 4 * BITS registers each, about 32-40 registers of ring whatever BITS; NT = 4's
+// accumulators and B fragments leave room for one tile (at 16 warps), NT = 8's (96 registers, at 8 warps) for the
+// base ring.
 template <int BITS, int NT>
-constexpr int kRingDepth = (BITS == 2 ? 4 : BITS == 3 ? 3 : 2) * (NT == 4 ? 2 : 1);
+constexpr int kRingDepth = NT == 4 ? 1 : BITS == 2 ? 4 : BITS == 3 ? 3 : 2;
 
 // What every problem shares: the weight (in the kernel layout; several stacked weights form one [E * N, K] layout)
 // and the work split. Problem-specific pointers and the output live in the Problem (see mma_kernel).
@@ -243,8 +244,9 @@ template <int BITS, int NT, typename T>
 __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32_t (&w)[4 * BITS], uint4 codes,
                                                 int kt, const uint4* const (&x_lane)[NT], uint32_t lut,
                                                 uint32_t copy_bytes, float (&acc)[2][NT][4]) {
-    // NT = 1: one FFMA per accumulator and block applies the absmax; NT >= 2: the weights are scaled instead.
-    constexpr bool kScaleWeights = NT >= 2;
+    // NT = 1: one FFMA per accumulator and block applies the absmax; NT >= 2: the weights are scaled instead, and
+    // so for k = 2 at NT = 1, where the decode is cheapest and the FFMAs weigh most (3-9% faster on an H100).
+    constexpr bool kScaleWeights = NT >= 2 || BITS == 2;
     constexpr float kZero[4] = {0.f, 0.f, 0.f, 0.f};
     // No branch between the blocks, so that the compiler can overlap one block's lookups with another's MMAs: K
     // padding blocks multiply zero activations (and have absmax 0).
@@ -512,7 +514,7 @@ inline size_t launch_smem(int bits, int m, size_t problem_bytes) {
 }
 
 // Most tokens one launch can take on this device: the partial sums of 64 tokens need more shared memory than
-// sm_86 / sm_89 give a block (99 KB); those run 32 per launch.
+// sm_86 / sm_89 give a block (99 KB); those run 32 per launch, 16 for k = 2 and 4 (64 KB tables).
 inline int max_launch_tokens(int bits, size_t problem_bytes) {
     const int limit = device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
     int m = kMaxLaunchTokens;
