@@ -47,13 +47,13 @@ struct DenseProblem {
 
 // Row tiles per unit: each warp a K-slice of one row tile, or half as many K-slices of twice the row tiles (half
 // the block barriers per weight byte: 3-15% faster on an H100) where that adds no row tiles to the busiest block.
-MmaParams dense_params(const KernelWeight& w, int tokens, int warps, int rowtiles) {
+MmaParams dense_params(const KernelWeight& w, int tokens, int warps, int rowtiles, bool chained) {
     const auto busiest_block_rowtiles = [&](const MmaParams& p) {
         const int unit_rowtiles = warps >> p.slices_log2;
         const int units = (rowtiles + unit_rowtiles - 1) / unit_rowtiles;
         return (units + multiprocessors() - 1) / multiprocessors() * unit_rowtiles;
     };
-    const MmaParams narrow = make_params(w, tokens, warps), wide = make_params(w, tokens, warps / 2);
+    const MmaParams narrow = make_params(w, tokens, warps, chained), wide = make_params(w, tokens, warps / 2, chained);
     return busiest_block_rowtiles(wide) <= busiest_block_rowtiles(narrow) ? wide : narrow;
 }
 
@@ -68,7 +68,7 @@ void mma(void* out, const void* x, const KernelWeight& w, int m, DType dtype, cu
     for (int first = 0; first < m; first += per_launch) {
         const int tokens = std::min(per_launch, m - first);
         const int warps = block_warps(token_tiles(tokens));
-        const MmaParams p = dense_params(w, tokens, warps, rowtiles);
+        const MmaParams p = dense_params(w, tokens, warps, rowtiles, first + tokens < m);
         const int unit_rowtiles = warps >> p.slices_log2;
         const DenseProblem prob{static_cast<char*>(out) + first * static_cast<size_t>(w.n) * kElementBytes,
                                 static_cast<const char*>(x) + first * static_cast<size_t>(w.k) * kElementBytes, w.n,

@@ -34,6 +34,7 @@
 #include <cuda_fp16.h>
 
 #include <array>
+#include <utility>
 
 #include "kbit_format.cuh"
 #include "kbit_ops.h"
@@ -82,6 +83,7 @@ struct MmaParams {
     int k, groups;
     int slices_log2;  // K-slices (warps) per row tile; a unit is block_warps(NT) >> slices_log2 row tiles
     int steps;        // column tiles per K-slice and row tile: ceil(groups / slices)
+    bool chained;     // a launch of the same op follows this one and may start early (allow_next_grid)
 };
 
 // What differs between fp16 and bf16 activations.
@@ -144,6 +146,25 @@ struct Act<__nv_bfloat16> {
         return *reinterpret_cast<const uint32_t*>(&r);
     }
 };
+
+// Programmatic dependent launch (sm_90+) between the launches of one op (gate/up -> down -> sum of the MoE experts,
+// the chunks of a long dense M): a launch that allows it (allow_next_grid) lets the next one start while it
+// finishes, so the next one's weight loads and table build overlap its tail; the next one waits for its completion
+// (wait_for_prior_grid) before reading what it wrote or writing anything. Weights, scales and codebooks are read
+// before the wait, so a kernel that allows an early start must not write them (weights change only at load time).
+// Only launches of the same op allow it: the kernel that follows an op on the stream (another op, or vLLM's) starts
+// as it would without, so a benchmark of back-to-back calls measures what a model gets.
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 // Weights are read once: keep them out of L1.
 __device__ __forceinline__ uint4 load_streaming(const uint4* ptr) {
@@ -317,7 +338,9 @@ __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32
 
 // The persistent kernel. Problem (a trivially copyable struct, passed by value) provides:
 //   struct Shared                    its per-block shared memory (after the table and the partial sums);
-//   setup(Shared&)                   run by all threads first (may synchronize the block);
+//   setup(Shared&)                   run by all threads first (may synchronize the block); it calls
+//                                    wait_for_prior_grid() before reading inputs that the previous launch on
+//                                    the stream may have written;
 //   units(const Shared&)             the number of units;
 //   rowtile(const Shared&, unit, sub) the row tile (of the stacked layout) that the warps `sub` (0 ..
 //                                    block_warps(NT) >> slices_log2) of `unit` decode, or -1 (none; also for
@@ -385,6 +408,8 @@ __global__ void __launch_bounds__(block_warps(NT) * 32, 1) mma_kernel(const MmaP
         if (i < items) load_next(i);
     }
     build_lut<BITS, T>(lut, __ldg(p.codebook + (lane & ((1 << BITS) - 1))));
+    wait_for_prior_grid();  // from here on: activations, and the stores of the units
+    if (p.chained) allow_next_grid();
 
     const uint32_t lut_address = static_cast<uint32_t>(__cvta_generic_to_shared(lut));
     const uint32_t copy_bytes = lane * Lut<BITS>::kEntryBytes;
@@ -489,12 +514,12 @@ inline int slices_log2_for(int groups, int max_slices) {
     return s;
 }
 
-inline MmaParams make_params(const KernelWeight& w, int m, int max_slices) {
+inline MmaParams make_params(const KernelWeight& w, int m, int max_slices, bool chained) {
     const int groups = k_groups(w.k);
     const int slices_log2 = slices_log2_for(groups, max_slices);
     const int slices = 1 << slices_log2;
     return {static_cast<const uint4*>(w.qweight), static_cast<const uint4*>(w.absmax), w.scale, w.codebook, m, w.k,
-            groups, slices_log2, (groups + slices - 1) / slices};
+            groups, slices_log2, (groups + slices - 1) / slices, chained};
 }
 
 // Bytes of the table for `bits` (Lut<bits>::kBytes at run time).
@@ -522,6 +547,24 @@ inline int max_launch_tokens(int bits, size_t problem_bytes) {
     return m;
 }
 
+// Launches `kernel` so that it may start before the previous launch on the stream completes, where that launch
+// allows it (sm_90+; elsewhere a plain launch).
+template <typename... Params, typename... Args>
+void launch_early_start(void (*kernel)(Params...), int grid, int block, size_t smem, cudaStream_t stream,
+                        const char* what, Args&&... args) {
+    cudaLaunchAttribute early_start{};
+    early_start.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    early_start.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(grid);
+    config.blockDim = dim3(block);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = &early_start;
+    config.numAttrs = device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9 ? 1 : 0;
+    check_cuda(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...), what);
+}
+
 template <class Problem, int BITS, int NT, typename T>
 void launch(const MmaParams& p, const Problem& prob, int grid, cudaStream_t stream) {
     // The table and the partial sums take more than 48 KB: a kernel must opt in, once per device, to the most it
@@ -534,9 +577,8 @@ void launch(const MmaParams& p, const Problem& prob, int grid, cudaStream_t stre
                    "cudaFuncSetAttribute(mma_kernel)");
         if (dev < kMaxDevices) opted_in[dev] = true;
     }
-    const size_t smem = launch_smem(BITS, p.m, sizeof(typename Problem::Shared));
-    mma_kernel<Problem, BITS, NT, T><<<grid, block_warps(NT) * 32, smem, stream>>>(p, prob);
-    check_cuda(cudaGetLastError(), "mma kernel launch");
+    launch_early_start(mma_kernel<Problem, BITS, NT, T>, grid, block_warps(NT) * 32,
+                       launch_smem(BITS, p.m, sizeof(typename Problem::Shared)), stream, "mma kernel launch", p, prob);
 }
 
 // Instantiates the kernel for the runtime bits, token tiles (token_tiles(p.m), at most MAX_NT) and dtype.

@@ -61,6 +61,11 @@ struct MoeProblem {
     __device__ int out_rowtiles() const { return GATED ? rowtiles / 2 : rowtiles; }
 
     __device__ void setup(Shared& s) const {
+        // The gate/up launch waits for the kernel before it (which may have written the routing). The down launch
+        // starts only once the gate/up launch of its chunk has passed that wait, so the routing is complete: it
+        // reads it at once, and its weight loads and table build overlap the gate/up launch's tail (mma_kernel
+        // waits before it reads hidden).
+        if (GATED) wait_for_prior_grid();
         for (int i = threadIdx.x; i < kMoeMaxExperts / 32; i += blockDim.x) s.used_bits[i] = 0;
         for (int q = threadIdx.x; q < pairs; q += blockDim.x) {
             const int id = topk_ids[q];
@@ -158,6 +163,7 @@ struct MoeProblem {
 template <typename T>
 __global__ void moe_sum_kernel(void* out, const float* pair_out, const int32_t* topk_ids, int m, int top_k, int h,
                                int experts) {
+    wait_for_prior_grid();  // pair_out of the down launch
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= m * h) return;
     const int token = i / h, col = i % h;
@@ -221,12 +227,13 @@ void moe_experts(void* out, const void* x, void* hidden, float* pair_out, const 
         void* hidden_chunk = static_cast<char*>(hidden) + first_pair * intermediate * kElementBytes;
         float* pair_out_chunk = pair_out + first_pair * hidden_size;
 
-        const MmaParams p13 = make_params(w13, r.m, moe_max_slices(r, w13.n / kTileRows / 2, true));
+        // each launch lets the next (down, the next chunk's gate/up, the sum) start early
+        const MmaParams p13 = make_params(w13, r.m, moe_max_slices(r, w13.n / kTileRows / 2, true), true);
         const auto gate_up = make_problem<true>(r, p13, w13, x_chunk, hidden_chunk, activation);
         launch_any<MoeProblem<true>, kMaxTokenTiles>(p13, gate_up, w13.bits, dtype,
                                                      moe_grid(r, gate_up.units_per_expert), stream);
 
-        const MmaParams p2 = make_params(w2, r.m, moe_max_slices(r, w2.n / kTileRows, false));
+        const MmaParams p2 = make_params(w2, r.m, moe_max_slices(r, w2.n / kTileRows, false), true);
         const auto down = make_problem<false>(r, p2, w2, hidden_chunk, pair_out_chunk, activation);
         launch_any<MoeProblem<false>, kMaxTokenTiles>(p2, down, w2.bits, dtype, moe_grid(r, down.units_per_expert),
                                                       stream);
@@ -235,15 +242,15 @@ void moe_experts(void* out, const void* x, void* hidden, float* pair_out, const 
     constexpr int kSumThreads = 256;
     const int blocks = (routing.m * hidden_size + kSumThreads - 1) / kSumThreads;
     const auto sum = [&](auto* kernel) {
-        kernel<<<blocks, kSumThreads, 0, stream>>>(out, pair_out, routing.topk_ids, routing.m, routing.top_k,
-                                                   hidden_size, routing.experts);
+        launch_early_start(kernel, blocks, kSumThreads, 0, stream, "moe_sum kernel launch", out,
+                           static_cast<const float*>(pair_out), routing.topk_ids, routing.m, routing.top_k,
+                           hidden_size, routing.experts);
     };
     if (dtype == DType::kFloat16) {
         sum(moe_sum_kernel<__half>);
     } else {
         sum(moe_sum_kernel<__nv_bfloat16>);
     }
-    check_cuda(cudaGetLastError(), "moe_sum kernel launch");
 }
 
 }  // namespace kbit
