@@ -152,8 +152,8 @@ PYBIND11_MODULE(_C, mod) {
             py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("dtype"), py::arg("stream"));
     mod.def("mma", &mma,
             "out [M, N] = x [M, K] @ W^T (dequantization fused into tensor-core MMA; the weight is read once per "
-            "64 rows of x, 16 or 32 where a block gets less shared memory, as on sm_86 / sm_89); x and out row-major "
-            "contiguous of dtype, fp32 accumulation.",
+            "64 rows of x, 16 for k = 2 and 4 where a block gets less shared memory, as on sm_86 / sm_89); x and out "
+            "row-major contiguous of dtype, fp32 accumulation.",
             py::arg("out"), py::arg("x"), py::arg("qweight"), py::arg("absmax"), py::arg("scale"),
             py::arg("codebook"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("dtype"),
             py::arg("stream"));

@@ -2,15 +2,15 @@
 // (moe.cu): lookup tables, fragment decode, and one persistent kernel that a "Problem" specializes (which row
 // tiles form a unit, which activation rows a unit reads, what happens to the finished sums).
 //
-// Product. Per 32 x 32 block (32 rows, one quantization block of inputs) of a tile, each lane of the warp holds
-// the A fragments of mma.sync m16n8k16 for two 16-row halves x two 16-input steps (the layout's lane map,
-// kbit_format.cuh), x supplies the B fragments (tokens as the n8 columns: one token tile per 8 tokens, up to 8
-// tiles per launch), and the fp32 accumulators of the block are multiplied by the rows' absmax and added to the
-// running sums: one FFMA per accumulator per block. With more than one token tile (M > 8) that costs more than
-// scaling the A fragments instead (four half2 multiplies per fragment, whatever M), so those kernels multiply the
-// decoded weights by their absmax and let the MMAs accumulate across blocks. The row scale is applied once per
-// output. Activations enter the MMA in their own dtype (fp16 or bf16), so no range scaling is needed; the codebook
-// is rounded to that dtype.
+// Product. Per 32 x 32 block (32 rows, one quantization block of inputs) of a tile, each lane of the warp holds the A
+// fragments of mma.sync m16n8k16 for two 16-row halves x two 16-input steps (the layout's lane map, kbit_format.cuh), x
+// supplies the B fragments (tokens as the n8 columns: one token tile per 8 tokens, up to 8 tiles per launch), and the
+// fp32 accumulators of the block are multiplied by the rows' absmax and added to the running sums: one FFMA per
+// accumulator per block. With more than one token tile (M > 8) that costs more than scaling the A fragments instead
+// (four half2 multiplies per fragment, whatever M), so those kernels (and k = 2's at M <= 8) multiply the decoded
+// weights by their absmax and let the MMAs accumulate across blocks. The row scale is applied once per output.
+// Activations enter the MMA in their own dtype (fp16 or bf16), so no range scaling is needed; the codebook is rounded
+// to that dtype.
 //
 // Decode. A shared-memory table maps a key, the contiguous stream field of several adjacent weights, to their
 // codebook values as packed 16-bit pairs: k=2 keys 4 weights (8 bits, 8-byte entries: two A registers), k=3 and
@@ -20,14 +20,14 @@
 // 8-15: 256-byte rows, the copies below); other keys take a shift and a mask (128-byte rows). Tables: k=2 and
 // k=4 64 KB (k=4 uses half of each row), k=3 8 KB, k=5 4 KB.
 //
-// Work split. The unit of work is a set of row tiles (32 rows each) over all of K, so a unit ends in finished
-// outputs: no workspace, no atomics, deterministic. The warps of a block split a unit's column tiles (K-slices)
-// and their sums meet in shared memory at the unit's end, where the Problem stores them. Blocks are persistent,
-// one per multiprocessor with block_warps(NT) warps (the table is built once per block), and take units blockIdx.x,
-// blockIdx.x + gridDim.x, ... Each lane streams its tiles, unit after unit, through a ring of tiles held in
-// registers (32-64 KB in flight per multiprocessor): the ring is filled before the table is built, and a slot
-// is refilled with the lane's next tile (also one of the next unit) as soon as it is decoded. Activations are
-// read per block straight from global memory through L1 (they are small and shared by every row tile).
+// Work split. The unit of work is a set of row tiles (32 rows each) over all of K, so a unit ends in finished outputs:
+// no workspace, no atomics, deterministic. The warps of a block split a unit's column tiles (K-slices) and their sums
+// meet in shared memory at the unit's end, where the Problem stores them. Blocks are persistent, one per multiprocessor
+// with block_warps(NT) warps (the table is built once per block), and take units blockIdx.x, blockIdx.x + gridDim.x,
+// ... Each lane streams its tiles, unit after unit, through a ring of tiles held in registers (16-80 KB in flight per
+// multiprocessor, by k and token tiles): the ring is filled before the table is built, and a slot is refilled with the
+// lane's next tile (also one of the next unit) as soon as it is decoded. Activations are read per block straight from
+// global memory through L1 (they are small and shared by every row tile).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -148,12 +148,12 @@ struct Act<__nv_bfloat16> {
 };
 
 // Programmatic dependent launch (sm_90+) between the launches of one op (gate/up -> down -> sum of the MoE experts,
-// the chunks of a long dense M): a launch that allows it (allow_next_grid) lets the next one start while it
-// finishes, so the next one's weight loads and table build overlap its tail; the next one waits for its completion
-// (wait_for_prior_grid) before reading what it wrote or writing anything. Weights, scales and codebooks are read
-// before the wait, so a kernel that allows an early start must not write them (weights change only at load time).
-// Only launches of the same op allow it: the kernel that follows an op on the stream (another op, or vLLM's) starts
-// as it would without, so a benchmark of back-to-back calls measures what a model gets.
+// the chunks of a long dense M): a launch that allows it (allow_next_grid) lets the next launch of the op start while
+// it finishes, so that one's weight loads and table build overlap its tail; that one waits for its completion
+// (wait_for_prior_grid) before reading what it wrote or writing anything. Weights and codebooks (and the MoE down
+// launch's routing) are read before the wait, which is safe because only launches of the same op start early
+// (launch_kernel): the first launch of an op starts as any launch does, after whatever kernel came before it has
+// finished, so a benchmark of back-to-back calls also measures what a model gets.
 __device__ __forceinline__ void wait_for_prior_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -377,7 +377,9 @@ __global__ void __launch_bounds__(block_warps(NT) * 32, 1) mma_kernel(const MmaP
     // whose tile is outside the weight skip it, so that all warps walk the same sequence and reach unit ends
     // together.
     const int items = (units - blockIdx.x + gridDim.x - 1) / gridDim.x * p.steps;
-    if (items == 0) return;  // uniform across the block
+    // Uniform across the block. A Problem's setup waits before this where it must (the MoE gate/up launch: the down
+    // launch after it reads the routing before its own wait).
+    if (items == 0) return;
 
     uint32_t w[R][4 * BITS];
     uint4 codes[R];
@@ -538,8 +540,8 @@ inline size_t launch_smem(int bits, int m, size_t problem_bytes) {
            static_cast<size_t>(block_warps(token_tiles(m))) * m * kPartialStride * sizeof(float);
 }
 
-// Most tokens one launch can take on this device: the partial sums of 64 tokens need more shared memory than
-// sm_86 / sm_89 give a block (99 KB); those run 32 per launch, 16 for k = 2 and 4 (64 KB tables).
+// Most tokens one launch can take on this device. On sm_86 / sm_89 (99 KB per block) the 64 KB tables of k = 2 and
+// 4 leave room for the partial sums of 16 tokens (8 in the MoE kernel); k = 3 and 5 take 64.
 inline int max_launch_tokens(int bits, size_t problem_bytes) {
     const int limit = device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
     int m = kMaxLaunchTokens;
@@ -547,26 +549,38 @@ inline int max_launch_tokens(int bits, size_t problem_bytes) {
     return m;
 }
 
-// Launches `kernel` so that it may start before the previous launch on the stream completes, where that launch
-// allows it (sm_90+; elsewhere a plain launch).
-template <typename... Params, typename... Args>
-void launch_early_start(void (*kernel)(Params...), int grid, int block, size_t smem, cudaStream_t stream,
-                        const char* what, Args&&... args) {
-    cudaLaunchAttribute early_start{};
-    early_start.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    early_start.val.programmaticStreamSerializationAllowed = 1;
+// Launches KERNEL; with early_start (the launch before it on the stream is one of the same op that allows it), it
+// may start before that launch has finished, where the device and KERNEL's code support it (sm_90+, and code built
+// for it: PTX for an older architecture, JIT-compiled for this GPU, lacks the wait).
+template <auto KERNEL, typename... Args>
+void launch_kernel(bool early_start, int grid, int block, size_t smem, cudaStream_t stream, const char* what,
+                   Args&&... args) {
+    static std::array<signed char, kMaxDevices> supported{};  // per device: 0 unknown, 1 yes, -1 no
+    const int dev = current_device();
+    if (early_start && (dev >= kMaxDevices || supported[dev] == 0)) {
+        cudaFuncAttributes attributes{};
+        check_cuda(cudaFuncGetAttributes(&attributes, KERNEL), "cudaFuncGetAttributes");
+        const bool yes = device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9 && attributes.ptxVersion >= 90;
+        if (dev < kMaxDevices) supported[dev] = yes ? 1 : -1;
+        early_start = yes;
+    } else if (early_start) {
+        early_start = supported[dev] > 0;
+    }
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(grid);
     config.blockDim = dim3(block);
     config.dynamicSmemBytes = smem;
     config.stream = stream;
-    config.attrs = &early_start;
-    config.numAttrs = device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9 ? 1 : 0;
-    check_cuda(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...), what);
+    config.attrs = &attribute;
+    config.numAttrs = early_start ? 1 : 0;
+    check_cuda(cudaLaunchKernelEx(&config, KERNEL, std::forward<Args>(args)...), what);
 }
 
 template <class Problem, int BITS, int NT, typename T>
-void launch(const MmaParams& p, const Problem& prob, int grid, cudaStream_t stream) {
+void launch(const MmaParams& p, const Problem& prob, int grid, bool early_start, cudaStream_t stream) {
     // The table and the partial sums take more than 48 KB: a kernel must opt in, once per device, to the most it
     // will use (8 NT tokens).
     static std::array<bool, kMaxDevices> opted_in{};
@@ -577,22 +591,25 @@ void launch(const MmaParams& p, const Problem& prob, int grid, cudaStream_t stre
                    "cudaFuncSetAttribute(mma_kernel)");
         if (dev < kMaxDevices) opted_in[dev] = true;
     }
-    launch_early_start(mma_kernel<Problem, BITS, NT, T>, grid, block_warps(NT) * 32,
-                       launch_smem(BITS, p.m, sizeof(typename Problem::Shared)), stream, "mma kernel launch", p, prob);
+    launch_kernel<mma_kernel<Problem, BITS, NT, T>>(early_start, grid, block_warps(NT) * 32,
+                                                    launch_smem(BITS, p.m, sizeof(typename Problem::Shared)), stream,
+                                                    "mma kernel launch", p, prob);
 }
 
-// Instantiates the kernel for the runtime bits, token tiles (token_tiles(p.m), at most MAX_NT) and dtype.
+// Instantiates the kernel for the runtime bits, token tiles (token_tiles(p.m), at most MAX_NT) and dtype;
+// early_start: see launch_kernel.
 template <class Problem, int MAX_NT>
-void launch_any(const MmaParams& p, const Problem& prob, int bits, DType dtype, int grid, cudaStream_t stream) {
+void launch_any(const MmaParams& p, const Problem& prob, int bits, DType dtype, int grid, bool early_start,
+                cudaStream_t stream) {
     const auto by_bits = [&](auto act) {
         using T = decltype(act);
         const auto by_tiles = [&](auto bits_constant) {
             constexpr int B = decltype(bits_constant)::value;
             switch (token_tiles(p.m)) {
-                case 1: launch<Problem, B, 1, T>(p, prob, grid, stream); break;
-                case 2: launch<Problem, B, 2, T>(p, prob, grid, stream); break;
-                case 4: if constexpr (MAX_NT >= 4) launch<Problem, B, 4, T>(p, prob, grid, stream); break;
-                default: if constexpr (MAX_NT >= 8) launch<Problem, B, 8, T>(p, prob, grid, stream); break;
+                case 1: launch<Problem, B, 1, T>(p, prob, grid, early_start, stream); break;
+                case 2: launch<Problem, B, 2, T>(p, prob, grid, early_start, stream); break;
+                case 4: if constexpr (MAX_NT >= 4) launch<Problem, B, 4, T>(p, prob, grid, early_start, stream); break;
+                default: if constexpr (MAX_NT >= 8) launch<Problem, B, 8, T>(p, prob, grid, early_start, stream); break;
             }
         };
         switch (bits) {

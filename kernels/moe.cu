@@ -231,25 +231,25 @@ void moe_experts(void* out, const void* x, void* hidden, float* pair_out, const 
         const MmaParams p13 = make_params(w13, r.m, moe_max_slices(r, w13.n / kTileRows / 2, true), true);
         const auto gate_up = make_problem<true>(r, p13, w13, x_chunk, hidden_chunk, activation);
         launch_any<MoeProblem<true>, kMaxTokenTiles>(p13, gate_up, w13.bits, dtype,
-                                                     moe_grid(r, gate_up.units_per_expert), stream);
+                                                     moe_grid(r, gate_up.units_per_expert), first > 0, stream);
 
         const MmaParams p2 = make_params(w2, r.m, moe_max_slices(r, w2.n / kTileRows, false), true);
         const auto down = make_problem<false>(r, p2, w2, hidden_chunk, pair_out_chunk, activation);
         launch_any<MoeProblem<false>, kMaxTokenTiles>(p2, down, w2.bits, dtype, moe_grid(r, down.units_per_expert),
-                                                      stream);
+                                                      true, stream);
     }
 
     constexpr int kSumThreads = 256;
     const int blocks = (routing.m * hidden_size + kSumThreads - 1) / kSumThreads;
-    const auto sum = [&](auto* kernel) {
-        launch_early_start(kernel, blocks, kSumThreads, 0, stream, "moe_sum kernel launch", out,
-                           static_cast<const float*>(pair_out), routing.topk_ids, routing.m, routing.top_k,
-                           hidden_size, routing.experts);
+    const auto sum = [&](auto act) {
+        launch_kernel<moe_sum_kernel<decltype(act)>>(true, blocks, kSumThreads, 0, stream, "moe_sum kernel launch",
+                                                     out, static_cast<const float*>(pair_out), routing.topk_ids,
+                                                     routing.m, routing.top_k, hidden_size, routing.experts);
     };
     if (dtype == DType::kFloat16) {
-        sum(moe_sum_kernel<__half>);
+        sum(__half{});
     } else {
-        sum(moe_sum_kernel<__nv_bfloat16>);
+        sum(__nv_bfloat16{});
     }
 }
 

@@ -33,8 +33,8 @@ class Tier:
 
 
 GPU_TIERS = (
-    # The MMA kernel reads the weight once per launch of 64 tokens (16-32 on sm_86 / sm_89: less shared memory); on an
-    # H100 two launches (M = 128) already lose to writing the dense weight once for cuBLAS.
+    # The MMA kernel reads the weight once per launch of 64 tokens (16 for k = 2 and 4 on sm_86 / sm_89: less shared
+    # memory); on an H100 two launches (M = 128) already lose to writing the dense weight once for cuBLAS.
     Tier("mma", 1, 64, 80, "fused dequant + tensor-core MMA"),
     Tier("dequant_cublas", 65, 1 << 62, 80, "dequantize + cuBLAS"),
 )
