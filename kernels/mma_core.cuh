@@ -549,23 +549,25 @@ inline int max_launch_tokens(int bits, size_t problem_bytes) {
     return m;
 }
 
+// Whether KERNEL may start early on the current device: sm_90+, and code built for it (PTX for an older architecture,
+// JIT-compiled for this GPU, lacks the wait). Cached per device.
+template <auto KERNEL>
+bool early_start_supported() {
+    static std::array<signed char, kMaxDevices> known{};  // 0 unknown, 1 yes, -1 no
+    const int dev = current_device();
+    if (dev < kMaxDevices && known[dev] != 0) return known[dev] > 0;
+    cudaFuncAttributes attributes{};
+    check_cuda(cudaFuncGetAttributes(&attributes, KERNEL), "cudaFuncGetAttributes");
+    const bool yes = device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9 && attributes.ptxVersion >= 90;
+    if (dev < kMaxDevices) known[dev] = yes ? 1 : -1;
+    return yes;
+}
+
 // Launches KERNEL; with early_start (the launch before it on the stream is one of the same op that allows it), it
-// may start before that launch has finished, where the device and KERNEL's code support it (sm_90+, and code built
-// for it: PTX for an older architecture, JIT-compiled for this GPU, lacks the wait).
+// may start before that launch has finished, where early_start_supported.
 template <auto KERNEL, typename... Args>
 void launch_kernel(bool early_start, int grid, int block, size_t smem, cudaStream_t stream, const char* what,
                    Args&&... args) {
-    static std::array<signed char, kMaxDevices> supported{};  // per device: 0 unknown, 1 yes, -1 no
-    const int dev = current_device();
-    if (early_start && (dev >= kMaxDevices || supported[dev] == 0)) {
-        cudaFuncAttributes attributes{};
-        check_cuda(cudaFuncGetAttributes(&attributes, KERNEL), "cudaFuncGetAttributes");
-        const bool yes = device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9 && attributes.ptxVersion >= 90;
-        if (dev < kMaxDevices) supported[dev] = yes ? 1 : -1;
-        early_start = yes;
-    } else if (early_start) {
-        early_start = supported[dev] > 0;
-    }
     cudaLaunchAttribute attribute{};
     attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attribute.val.programmaticStreamSerializationAllowed = 1;
@@ -575,7 +577,7 @@ void launch_kernel(bool early_start, int grid, int block, size_t smem, cudaStrea
     config.dynamicSmemBytes = smem;
     config.stream = stream;
     config.attrs = &attribute;
-    config.numAttrs = early_start ? 1 : 0;
+    config.numAttrs = early_start && early_start_supported<KERNEL>() ? 1 : 0;
     check_cuda(cudaLaunchKernelEx(&config, KERNEL, std::forward<Args>(args)...), what);
 }
 
