@@ -29,8 +29,8 @@ struct DenseProblem {
         slot_factor = 1.f;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-            const int m = (lane >> 2) + 8 * nt;
-            x_lane[nt] = lane_activations(x, p.k, m < p.m ? m : -1, lane & 3);
+            const int m = token_row<NT>((lane >> 2) + 8 * nt, p.m, [](int slot) { return slot; });
+            x_lane[nt] = lane_activations(x, p.k, m, lane & 3);
         }
     }
     template <typename T>

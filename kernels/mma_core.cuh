@@ -72,6 +72,12 @@ struct Lut {
 template <int BITS, int NT>
 constexpr int kRingDepth = NT == 4 ? 1 : BITS == 2 ? 4 : BITS == 3 ? 3 : 2;
 
+// Whether the MMA loop checks the activation pointers for null (an empty token slot: zeros; token_row). Without the
+// checks k = 4 ran 4-12% faster at M = 64 on an H100, but k = 2 then spills and ran 0-5% slower, and at NT <= 4 (where
+// empty slots read nothing) the unchecked loop ran up to 9% slower at M = 1.
+template <int BITS, int NT>
+constexpr bool kCheckedTokens = NT < kMaxTokenTiles || BITS == 2;
+
 // What every problem shares: the weight (in the kernel layout; several stacked weights form one [E * N, K] layout)
 // and the work split. Problem-specific pointers and the output live in the Problem (see mma_kernel).
 struct MmaParams {
@@ -260,7 +266,7 @@ __device__ __forceinline__ void a_fragment(const uint32_t (&w)[4 * BITS], int b,
 
 // acc += this lane's share of tile (rowtile, column tile kt) . x: acc[rt][nt][i] is row 16 rt + 8 (i / 2) + G,
 // token 8 nt + 2 c + i % 2 (the mma accumulator layout), in units of the row scale / 16.
-// x_lane[nt]: this lane's 16-byte activations of token G + 8 nt, column tile 0 (null where the token is >= M).
+// x_lane[nt]: this lane's 16-byte activations of token G + 8 nt, column tile 0 (see token_row for tokens >= M).
 template <int BITS, int NT, typename T>
 __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32_t (&w)[4 * BITS], uint4 codes,
                                                 int kt, const uint4* const (&x_lane)[NT], uint32_t lut,
@@ -278,8 +284,9 @@ __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32
         uint4 xf[NT];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-            xf[nt] = inside && x_lane[nt] != nullptr ? __ldg(x_lane[nt] + kt * (kTileK / 8) + b * (kBlockSize / 8))
-                                                     : make_uint4(0, 0, 0, 0);
+            xf[nt] = inside && (!kCheckedTokens<BITS, NT> || x_lane[nt] != nullptr)
+                         ? __ldg(x_lane[nt] + kt * (kTileK / 8) + b * (kBlockSize / 8))
+                         : make_uint4(0, 0, 0, 0);
         }
         // absmax / 16 of rows j = 0..3 (byte j of the block's code word) as fp16 pairs: rows 0, 1 and rows 2, 3
         const uint32_t word = b == 0 ? codes.x : b == 1 ? codes.y : b == 2 ? codes.z : codes.w;
@@ -348,7 +355,8 @@ __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32
 //   begin_unit(Shared&, p, unit, warp, lane, x_lane, slot_factor)
 //                                    per warp, before the unit is decoded: this lane's activation pointers
 //                                    (x_lane[nt]: 16-byte activations of token G + 8 nt, column tile 0, at input
-//                                    8 c; null where there is no token) and the factor of token `lane`'s outputs
+//                                    8 c; token_row says which row a slot without a token reads) and the factor of
+//                                    token `lane`'s outputs
 //                                    (slot_factor, e.g. a routing weight; 1 for none);
 //   store<T>(const Shared&, partial, p, unit)
 //                                    all threads, once the unit's partial sums are in shared memory (sum them
@@ -478,6 +486,14 @@ __device__ __forceinline__ float slice_sum(const float* partial, const MmaParams
     float sum = 0.f;
     for (int q = 0; q < slices; ++q) sum += partial[((rs * slices + q) * p.m + m) * kPartialStride + row];
     return sum;
+}
+
+// The activation row that token slot `slot` of NT token tiles reads, of `count` slots that hold tokens (rows(s) for
+// s < count). An empty slot's sums are never stored: it reads nothing (-1, a null pointer: zeros) at NT <= 4, and the
+// last token's row at NT = 8, where the MMA loop may skip the pointer checks (kCheckedTokens).
+template <int NT, class Rows>
+__device__ __forceinline__ int token_row(int slot, int count, Rows&& rows) {
+    return slot < count ? rows(slot) : NT == kMaxTokenTiles ? rows(count - 1) : -1;
 }
 
 // The activation pointer of lane (G, c) for activation row `row` (null for row < 0).

@@ -130,9 +130,9 @@ struct MoeProblem {
         const int row_divisor = GATED ? top_k : 1;  // x holds tokens (GATED) or pairs
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-            const int slot = (lane >> 2) + 8 * nt;
-            x_lane[nt] = lane_activations(x, p.k, slot < count ? s.slot_pair[warp][slot] / row_divisor : -1,
-                                          lane & 3);
+            const int row = token_row<NT>((lane >> 2) + 8 * nt, count,
+                                          [&](int slot) { return s.slot_pair[warp][slot] / row_divisor; });
+            x_lane[nt] = lane_activations(x, p.k, row, lane & 3);
         }
         if (lane == 0) s.slot_count[warp] = count;
         // the down GEMM's outputs carry their routing weight (loaded now, used at the unit's end)
