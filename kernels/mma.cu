@@ -45,18 +45,26 @@ struct DenseProblem {
     }
 };
 
-// Row tiles per unit: each warp a K-slice of one row tile, or half as many K-slices of twice the row tiles (half
-// the block barriers per weight byte) where that adds no row tiles to the busiest block, even if fewer blocks then
-// run. On an H100: Llama-3-8B qkv (192 row tiles) 1.1-1.2x and Qwen3-Next gate_up (160) 1.2x faster as units of
-// two; Llama-3-70B gate_up 1.03-1.15x; with 128 row tiles (Llama-3-8B o and down) two per unit would add a round.
+// K-slices per row tile, and so row tiles per unit (block_warps / slices): the split whose busiest block finishes
+// first by a simple cost, rounds x (column tiles per warp and unit + 1), where a round is one unit on every block
+// and the 1 stands for a unit's end (its barriers, the sums through shared memory, the stores, the restart of the
+// warps' load pipelines), which measured about a column tile's time; on a tie, fewer K-slices (fewer barriers).
+// Fewer K-slices also let more warps read the same activations through L1. On an H100 this cost picks the fastest of
+// the 4-5 splits measured on every benchmark shape and M (kernel_experiments.md): Llama-3-8B gate_up (896 row tiles)
+// gets 2 K-slices, 1.03-1.35x faster than 16; shapes of at most 192 row tiles, and Llama-3-70B gate_up, keep 8-16.
 MmaParams dense_params(const KernelWeight& w, int tokens, int warps, int rowtiles, bool chained) {
-    const auto busiest_block_rowtiles = [&](const MmaParams& p) {
+    const auto cost = [&](const MmaParams& p) {
         const int unit_rowtiles = warps >> p.slices_log2;
         const int units = (rowtiles + unit_rowtiles - 1) / unit_rowtiles;
-        return (units + multiprocessors() - 1) / multiprocessors() * unit_rowtiles;
+        const long long rounds = (units + multiprocessors() - 1) / multiprocessors();
+        return rounds * (p.steps + 1);
     };
-    const MmaParams narrow = make_params(w, tokens, warps, chained), wide = make_params(w, tokens, warps / 2, chained);
-    return busiest_block_rowtiles(wide) <= busiest_block_rowtiles(narrow) ? wide : narrow;
+    MmaParams best = make_params(w, tokens, warps, chained);
+    for (int max_slices = warps / 2; max_slices >= 1; max_slices /= 2) {
+        const MmaParams fewer = make_params(w, tokens, max_slices, chained);
+        if (cost(fewer) <= cost(best)) best = fewer;
+    }
+    return best;
 }
 
 }  // namespace
