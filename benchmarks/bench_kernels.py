@@ -6,9 +6,9 @@ bitsandbytes NF4 on the linear layers of Llama-3-8B, Llama-3-70B, Qwen3-8B and Q
 Method (shared reference kernel-anchors.md, sections 8 and 10): GPU time per call from CUDA-graph replays. One
 graph calls the op R times, rotating over copies of the weight whose total size exceeds twice the L2 cache, so
 every call streams its weight from HBM (as in decoding, where each layer's weight is read once per step); the
-per-call time is the median over REPEATS replays of elapsed / R, after WARMUP_MS of untimed replays. Inputs are torch.randn. Every kbit
-configuration (and every Marlin / bnb one) is checked against an fp32 reference before it is timed; a wrong
-kbit result aborts the run. Also measures the eager host overhead of one kbit call at M=1.
+per-call time is the median over REPEATS replays of elapsed / R, after WARMUP_MS of untimed replays. Inputs
+are torch.randn. Every kbit configuration (and every Marlin / bnb one) is checked against an fp32 reference
+before it is timed; a wrong kbit result aborts the run. Also measures the eager host overhead of one kbit call at M=1.
 
 Impls: ``kbit`` (k = 2..5, random weights quantized with vllm_kbit.format.quantize), ``fp16`` (cuBLAS via
 F.linear, in fp16 or bf16: the record's dtype says which), ``marlin_int4`` (vLLM GPTQ Marlin, uint4b8, group
