@@ -29,8 +29,8 @@ struct DenseProblem {
         slot_factor = 1.f;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-            const int m = token_row<NT>((lane >> 2) + 8 * nt, p.m, [](int slot) { return slot; });
-            x_lane[nt] = lane_activations(x, p.k, m, lane & 3);
+            const int m = (lane >> 2) + 8 * nt;
+            x_lane[nt] = lane_activations(x, p.k, m < p.m ? m : -1, lane & 3);
         }
     }
     template <typename T>
@@ -51,18 +51,21 @@ struct DenseProblem {
 // warps' load pipelines), which measured about a column tile's time; on a tie, fewer K-slices (fewer barriers).
 // Fewer K-slices also let more warps read the same activations through L1. On an H100 this cost picks the fastest of
 // the 4-5 splits measured on every benchmark shape and M (kernel_experiments.md): Llama-3-8B gate_up (896 row tiles)
-// gets 2 K-slices, 1.03-1.35x faster than 16; shapes of at most 192 row tiles, and Llama-3-70B gate_up, keep 8-16.
+// gets 2 K-slices at 16 warps and 1 at 8 (was 16 and 8), 1.03-1.36x faster; every other benchmark shape keeps the
+// split of the rule before (units of two row tiles where that adds no row tile to the busiest block).
 MmaParams dense_params(const KernelWeight& w, int tokens, int warps, int rowtiles, bool chained) {
+    const int blocks = multiprocessors();
     const auto cost = [&](const MmaParams& p) {
         const int unit_rowtiles = warps >> p.slices_log2;
         const int units = (rowtiles + unit_rowtiles - 1) / unit_rowtiles;
-        const long long rounds = (units + multiprocessors() - 1) / multiprocessors();
-        return rounds * (p.steps + 1);
+        return static_cast<long long>((units + blocks - 1) / blocks) * (p.steps + 1);
     };
     MmaParams best = make_params(w, tokens, warps, chained);
+    long long best_cost = cost(best);
     for (int max_slices = warps / 2; max_slices >= 1; max_slices /= 2) {
         const MmaParams fewer = make_params(w, tokens, max_slices, chained);
-        if (cost(fewer) <= cost(best)) best = fewer;
+        const long long fewer_cost = cost(fewer);
+        if (fewer_cost <= best_cost) best = fewer, best_cost = fewer_cost;
     }
     return best;
 }

@@ -72,9 +72,10 @@ struct Lut {
 template <int BITS, int NT>
 constexpr int kRingDepth = NT == 4 ? 1 : BITS == 2 ? 4 : BITS == 3 ? 3 : 2;
 
-// Whether the MMA loop checks the activation pointers for null (an empty token slot: zeros; token_row). Without the
-// checks k = 4 ran 4-12% faster at M = 64 on an H100, but k = 2 then spills and ran 0-5% slower, and at NT <= 4 (where
-// empty slots read nothing) the unchecked loop ran up to 9% slower at M = 1.
+// Whether the MMA loop checks the activation pointers for null (an empty token slot: zeros). Where it does not, the
+// kernel points empty slots at token 0's row (their sums are never stored). On an H100, without the checks k = 4 ran
+// 4-12% faster at M = 64; k = 2 then spills and ran 0-5% slower, and every NT <= 4 kernel (empty slots reading a row
+// as well) ran up to 9% slower at M = 1.
 template <int BITS, int NT>
 constexpr bool kCheckedTokens = NT < kMaxTokenTiles || BITS == 2;
 
@@ -266,7 +267,8 @@ __device__ __forceinline__ void a_fragment(const uint32_t (&w)[4 * BITS], int b,
 
 // acc += this lane's share of tile (rowtile, column tile kt) . x: acc[rt][nt][i] is row 16 rt + 8 (i / 2) + G,
 // token 8 nt + 2 c + i % 2 (the mma accumulator layout), in units of the row scale / 16.
-// x_lane[nt]: this lane's 16-byte activations of token G + 8 nt, column tile 0 (see token_row for tokens >= M).
+// x_lane[nt]: this lane's 16-byte activations of token G + 8 nt, column tile 0 (null where there is no token, or
+// token 0's where !kCheckedTokens).
 template <int BITS, int NT, typename T>
 __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32_t (&w)[4 * BITS], uint4 codes,
                                                 int kt, const uint4* const (&x_lane)[NT], uint32_t lut,
@@ -355,7 +357,7 @@ __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32
 //   begin_unit(Shared&, p, unit, warp, lane, x_lane, slot_factor)
 //                                    per warp, before the unit is decoded: this lane's activation pointers
 //                                    (x_lane[nt]: 16-byte activations of token G + 8 nt, column tile 0, at input
-//                                    8 c; token_row says which row a slot without a token reads) and the factor of
+//                                    8 c; null where there is no token; slot 0 always holds one) and the factor of
 //                                    token `lane`'s outputs
 //                                    (slot_factor, e.g. a routing weight; 1 for none);
 //   store<T>(const Shared&, partial, p, unit)
@@ -432,6 +434,14 @@ __global__ void __launch_bounds__(block_warps(NT) * 32, 1) mma_kernel(const MmaP
         // x 16: the MMA sums carry absmax / 16 (e4m4_pair_as_half2_div16)
         row_scale = rowtile >= 0 ? __ldg(p.scale + static_cast<long long>(rowtile) * kTileRows + lane) * 16.f : 0.f;
         prob.begin_unit(shared, p, unit, warp, lane, x_lane, slot_factor);
+        if constexpr (!kCheckedTokens<BITS, NT>) {  // empty slots read token 0's row (lane c's x_lane[0])
+            const auto token0 = reinterpret_cast<uintptr_t>(x_lane[0]);
+            const uint32_t lo = __shfl_sync(~0u, static_cast<uint32_t>(token0), lane & 3);
+            const uint32_t hi = __shfl_sync(~0u, static_cast<uint32_t>(token0 >> 32), lane & 3);
+            const auto* row0 = reinterpret_cast<const uint4*>(static_cast<uintptr_t>(hi) << 32 | lo);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) x_lane[nt] = x_lane[nt] != nullptr ? x_lane[nt] : row0;
+        }
     };
     begin_unit();
     __syncthreads();  // the table
@@ -486,14 +496,6 @@ __device__ __forceinline__ float slice_sum(const float* partial, const MmaParams
     float sum = 0.f;
     for (int q = 0; q < slices; ++q) sum += partial[((rs * slices + q) * p.m + m) * kPartialStride + row];
     return sum;
-}
-
-// The activation row that token slot `slot` of NT token tiles reads, of `count` slots that hold tokens (rows(s) for
-// s < count). An empty slot's sums are never stored: it reads nothing (-1, a null pointer: zeros) at NT <= 4, and the
-// last token's row at NT = 8, where the MMA loop may skip the pointer checks (kCheckedTokens).
-template <int NT, class Rows>
-__device__ __forceinline__ int token_row(int slot, int count, Rows&& rows) {
-    return slot < count ? rows(slot) : NT == kMaxTokenTiles ? rows(count - 1) : -1;
 }
 
 // The activation pointer of lane (G, c) for activation row `row` (null for row < 0).
