@@ -130,9 +130,9 @@ struct MoeProblem {
         const int row_divisor = GATED ? top_k : 1;  // x holds tokens (GATED) or pairs
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-            const int row = token_row<NT>((lane >> 2) + 8 * nt, count,
-                                          [&](int slot) { return s.slot_pair[warp][slot] / row_divisor; });
-            x_lane[nt] = lane_activations(x, p.k, row, lane & 3);
+            const int slot = (lane >> 2) + 8 * nt;
+            x_lane[nt] = lane_activations(x, p.k, slot < count ? s.slot_pair[warp][slot] / row_divisor : -1,
+                                          lane & 3);
         }
         if (lane == 0) s.slot_count[warp] = count;
         // the down GEMM's outputs carry their routing weight (loaded now, used at the unit's end)
@@ -186,26 +186,37 @@ MoeProblem<GATED> make_problem(const MoeRouting& r, const MmaParams& p, const Ke
             (out_rowtiles + unit_outputs - 1) / unit_outputs, activation};
 }
 
-// K-slices per row tile for one launch: as few as still give every multiprocessor two units (units of more row
-// tiles pass fewer block barriers per weight byte), judged by the expected number of used experts under uniform
-// routing. One token uses top_k experts, 16 tokens (top-8 of 128) about 82.
-int moe_max_slices(const MoeRouting& r, int out_rowtiles, bool gated) {
-    const double unused = std::pow(1.0 - std::min(1.0, static_cast<double>(r.top_k) / r.experts), r.m);
-    const double used = r.experts * (1.0 - unused);
-    const int warps = block_warps(token_tiles(r.m));
-    const int most = gated ? warps / 2 : warps;  // GATED units hold gate and up row tiles in pairs
-    for (int slices = 1; slices < most; slices *= 2) {
-        const int unit_outputs = gated ? warps / slices / 2 : warps / slices;
-        if (used * ((out_rowtiles + unit_outputs - 1) / unit_outputs) >= 2.0 * multiprocessors()) return slices;
-    }
-    return most;
-}
-
 // Blocks for a launch: units are not known on the host (they depend on the routing), at most one per pair or
 // expert.
 int moe_grid(const MoeRouting& r, int units_per_expert) {
     const long long bound = static_cast<long long>(std::min(r.m * r.top_k, r.experts)) * units_per_expert;
     return static_cast<int>(std::min<long long>(bound, multiprocessors()));
+}
+
+// The K-split of one launch by the dense tier's cost (mma.cu, dense_params): the least rounds x (column tiles per
+// warp and unit + 1) over every power-of-two split, ties to fewer K-slices, with rounds from the expected number of
+// used experts under uniform routing (one token uses top_k experts, 16 tokens (top-8 of 128) about 82). GATED units
+// hold gate and up row tiles in pairs, so they take at most half the warps as K-slices.
+MmaParams moe_params(const MoeRouting& r, const KernelWeight& w, bool gated) {
+    const double unused = std::pow(1.0 - std::min(1.0, static_cast<double>(r.top_k) / r.experts), r.m);
+    const double used = r.experts * (1.0 - unused);
+    const int warps = block_warps(token_tiles(r.m));
+    const int out_rowtiles = gated ? w.n / kTileRows / 2 : w.n / kTileRows;
+    const auto cost = [&](const MmaParams& p) {
+        const int unit_rowtiles = warps >> p.slices_log2;
+        const int unit_outputs = gated ? unit_rowtiles / 2 : unit_rowtiles;
+        const int units_per_expert = (out_rowtiles + unit_outputs - 1) / unit_outputs;
+        return std::ceil(used * units_per_expert / moe_grid(r, units_per_expert)) * (p.steps + 1);
+    };
+    const int most = gated ? warps / 2 : warps;
+    MmaParams best = make_params(w, r.m, most, true);
+    double best_cost = cost(best);
+    for (int max_slices = most / 2; max_slices >= 1; max_slices /= 2) {
+        const MmaParams fewer = make_params(w, r.m, max_slices, true);
+        const double fewer_cost = cost(fewer);
+        if (fewer_cost <= best_cost) best = fewer, best_cost = fewer_cost;
+    }
+    return best;
 }
 
 }  // namespace
@@ -228,12 +239,12 @@ void moe_experts(void* out, const void* x, void* hidden, float* pair_out, const 
         float* pair_out_chunk = pair_out + first_pair * hidden_size;
 
         // each launch lets the next (down, the next chunk's gate/up, the sum) start early
-        const MmaParams p13 = make_params(w13, r.m, moe_max_slices(r, w13.n / kTileRows / 2, true), true);
+        const MmaParams p13 = moe_params(r, w13, true);
         const auto gate_up = make_problem<true>(r, p13, w13, x_chunk, hidden_chunk, activation);
         launch_any<MoeProblem<true>, kMaxTokenTiles>(p13, gate_up, w13.bits, dtype,
                                                      moe_grid(r, gate_up.units_per_expert), first > 0, stream);
 
-        const MmaParams p2 = make_params(w2, r.m, moe_max_slices(r, w2.n / kTileRows, false), true);
+        const MmaParams p2 = moe_params(r, w2, false);
         const auto down = make_problem<false>(r, p2, w2, hidden_chunk, pair_out_chunk, activation);
         launch_any<MoeProblem<false>, kMaxTokenTiles>(p2, down, w2.bits, dtype, moe_grid(r, down.units_per_expert),
                                                       true, stream);
