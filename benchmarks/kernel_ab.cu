@@ -1,15 +1,19 @@
-// Standalone timing of the dense MMA tier (kbit::mma, no torch, no vLLM) against fp16 cuBLAS, for A/B tests of kernel
-// variants: benchmarks/kernel_ab.py builds this against patched copies of kernels/ and compares them. Timing only
-// (tests/test_kernels_gpu.py checks results): random kernel-layout weights (random index bits, absmax codes of
-// moderate values) in copies that rotate over 256 MB, so that every call reads its weight from HBM; the median over
-// CUDA-graph replays of one call per copy.
-//   kernel_ab LABEL [interleave]
-// interleave: a small kernel (as a norm before a GEMM in a model) runs before every call, in both columns.
+// Standalone timing of the dense MMA tier (kbit::mma, no torch, no vLLM) against fp16 cuBLAS, or of the grouped MoE
+// experts (kbit::moe_experts), for A/B tests of kernel variants: benchmarks/kernel_ab.py builds this against patched
+// copies of kernels/ and compares them. Timing only (tests/test_kernels_gpu.py and test_moe_gpu.py check results):
+// random kernel-layout weights (random index bits, absmax codes of moderate values); dense weights in copies that
+// rotate over 256 MB, MoE calls over 16 random routings (distinct experts per token), so that every call reads its
+// weights from HBM; the median over CUDA-graph replays.
+//   kernel_ab LABEL [interleave | moe]
+// interleave: a small kernel (as a norm before a GEMM in a model) runs before every dense call, in both columns.
+// moe: the expert layers of Qwen3-30B-A3B and Qwen3-Next, bf16 activations, no baseline (fp16_us is nan).
 // Prints tab-separated rows: label shape k M kbit_us fp16_us.
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <random>
 #include <string>
@@ -38,6 +42,7 @@ struct Shape {
 
 constexpr size_t kRotateBytes = 256u << 20;
 constexpr int kReplays = 9;
+constexpr int kWarmupReplays = 3;
 
 // Median µs per call of `one_pass` (which makes `calls` calls on `stream`), from replays of a CUDA graph of it.
 template <class F>
@@ -50,6 +55,7 @@ float time_graph(F&& one_pass, int calls, cudaStream_t stream) {
     one_pass();
     check(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
     check(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
+    for (int r = 0; r < kWarmupReplays; ++r) check(cudaGraphLaunch(exec, stream), "cudaGraphLaunch");
     cudaEvent_t start, end;
     check(cudaEventCreate(&start), "cudaEventCreate");
     check(cudaEventCreate(&end), "cudaEventCreate");
@@ -81,86 +87,183 @@ T* device_copy(const std::vector<T>& host) {
 
 int copies_for(size_t bytes) { return static_cast<int>(std::max<size_t>(2, (kRotateBytes + bytes - 1) / bytes)); }
 
-}  // namespace
+// Random kernel-layout bytes of `rowtiles` row tiles over K = k: index bit-planes and absmax codes.
+struct RandomTiles {
+    std::vector<uint8_t> qweight, absmax;
+};
 
-int main(int argc, char** argv) {
-    const std::string label = argc > 1 ? argv[1] : "base";
-    const bool interleave = argc > 2 && std::string(argv[2]) == "interleave";
+RandomTiles random_tiles(std::mt19937& rng, long long rowtiles, int k, int bits) {
+    const int groups = kbit::k_groups(k);
+    RandomTiles tiles{std::vector<uint8_t>(rowtiles * groups * bits * 512),
+                      std::vector<uint8_t>(rowtiles * groups * 128)};
+    for (auto& v : tiles.qweight) v = rng() & 0xff;
+    for (auto& v : tiles.absmax) v = 0x50 + rng() % 48;
+    return tiles;
+}
+
+float* device_codebook(int bits) {
+    std::vector<float> codebook(1 << bits);
+    for (int i = 0; i < (1 << bits); ++i) codebook[i] = -1.f + 2.f * i / ((1 << bits) - 1);
+    return device_copy(codebook);
+}
+
+void free_weight(const kbit::KernelWeight& w) {
+    check(cudaFree(const_cast<void*>(w.qweight)), "cudaFree");
+    check(cudaFree(const_cast<void*>(w.absmax)), "cudaFree");
+}
+
+constexpr int kBitWidths[] = {4, 2};
+constexpr int kMaxM = 64;
+
+void time_dense(const std::string& label, bool interleave, std::mt19937& rng, cudaStream_t stream) {
     const Shape shapes[] = {{"Llama-3-8B qkv", 4096, 6144},     {"Llama-3-8B o", 4096, 4096},
                             {"Llama-3-8B gate_up", 4096, 28672}, {"Llama-3-8B down", 14336, 4096},
                             {"Qwen3-Next q", 2048, 4096},        {"Qwen3-Next kv", 2048, 512},
                             {"Llama-3-70B gate_up", 8192, 57344}};
     const int token_counts[] = {1, 8, 16, 32, 64};
-    const int bit_widths[] = {4, 2};
-    constexpr int kMaxM = 64;
-    cudaStream_t stream;
-    check(cudaStreamCreate(&stream), "cudaStreamCreate");
     cublasHandle_t cublas;
     check(cublasCreate(&cublas), "cublasCreate");
     check(cublasSetStream(cublas, stream), "cublasSetStream");
-    std::mt19937 rng(1234);
     const auto random_half = [&] { return static_cast<uint16_t>(0x3000 + (rng() & 0x7ff) + ((rng() & 1) << 15)); };
-    try {
-        for (const Shape& shape : shapes) {
-            const int rowtiles = shape.n / kbit::kTileRows, groups = kbit::k_groups(shape.k);
-            std::vector<uint16_t> halves(static_cast<size_t>(shape.n) * shape.k);
-            std::generate(halves.begin(), halves.end(), random_half);
-            std::vector<__half*> dense(copies_for(halves.size() * 2));
-            for (auto& ptr : dense) ptr = reinterpret_cast<__half*>(device_copy(halves));
-            halves.resize(static_cast<size_t>(kMaxM) * shape.k);
-            auto* x = reinterpret_cast<__half*>(device_copy(halves));
-            __half *y = nullptr, *out = nullptr;
-            check(cudaMalloc(&y, halves.size() * 2), "cudaMalloc");
-            check(cudaMalloc(&out, static_cast<size_t>(kMaxM) * shape.n * 2), "cudaMalloc");
-            const auto before_call = [&](int m) {
-                if (interleave) preceding_kernel<<<(m * shape.k + 255) / 256, 256, 0, stream>>>(x, y, m * shape.k);
-            };
-            for (int bits : bit_widths) {
-                std::vector<uint8_t> qweight(static_cast<size_t>(rowtiles) * groups * bits * 512);
-                std::vector<uint8_t> absmax(static_cast<size_t>(rowtiles) * groups * 128);
-                for (auto& v : qweight) v = rng() & 0xff;
-                for (auto& v : absmax) v = 0x50 + rng() % 48;
-                const int copies = copies_for(qweight.size() + absmax.size());
-                std::vector<kbit::KernelWeight> weights;
-                std::vector<float> codebook(1 << bits);
-                for (int i = 0; i < (1 << bits); ++i) codebook[i] = -1.f + 2.f * i / ((1 << bits) - 1);
-                float* codebook_d = device_copy(codebook);
-                float* scale_d = device_copy(std::vector<float>(shape.n, 0.01f));
-                for (int c = 0; c < copies; ++c) {
-                    weights.push_back({device_copy(qweight), device_copy(absmax), scale_d, codebook_d, shape.n,
-                                       shape.k, bits});
-                }
-                for (int m : token_counts) {
-                    const float kbit_us = time_graph([&] {
-                        for (const auto& w : weights) {
-                            before_call(m);
-                            kbit::mma(out, x, w, m, kbit::DType::kFloat16, stream);
-                        }
-                    }, copies, stream);
-                    const float alpha = 1.f, beta = 0.f;
-                    const float fp16_us = time_graph([&] {
-                        for (const __half* w : dense) {
-                            before_call(m);
-                            check(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, shape.n, m, shape.k, &alpha, w,
-                                               CUDA_R_16F, shape.k, x, CUDA_R_16F, shape.k, &beta, out, CUDA_R_16F,
-                                               shape.n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                                  "cublasGemmEx");
-                        }
-                    }, static_cast<int>(dense.size()), stream);
-                    printf("%s\t%s\t%d\t%d\t%.2f\t%.2f\n", label.c_str(), shape.name, bits, m, kbit_us, fp16_us);
-                    fflush(stdout);
-                }
-                for (const auto& w : weights) {
-                    check(cudaFree(const_cast<void*>(w.qweight)), "cudaFree");
-                    check(cudaFree(const_cast<void*>(w.absmax)), "cudaFree");
-                }
-                check(cudaFree(codebook_d), "cudaFree");
-                check(cudaFree(scale_d), "cudaFree");
+    for (const Shape& shape : shapes) {
+        std::vector<uint16_t> halves(static_cast<size_t>(shape.n) * shape.k);
+        std::generate(halves.begin(), halves.end(), random_half);
+        std::vector<__half*> dense(copies_for(halves.size() * 2));
+        for (auto& ptr : dense) ptr = reinterpret_cast<__half*>(device_copy(halves));
+        halves.resize(static_cast<size_t>(kMaxM) * shape.k);
+        auto* x = reinterpret_cast<__half*>(device_copy(halves));
+        __half *y = nullptr, *out = nullptr;
+        check(cudaMalloc(&y, halves.size() * 2), "cudaMalloc");
+        check(cudaMalloc(&out, static_cast<size_t>(kMaxM) * shape.n * 2), "cudaMalloc");
+        const auto before_call = [&](int m) {
+            if (interleave) preceding_kernel<<<(m * shape.k + 255) / 256, 256, 0, stream>>>(x, y, m * shape.k);
+        };
+        for (int bits : kBitWidths) {
+            const RandomTiles tiles = random_tiles(rng, shape.n / kbit::kTileRows, shape.k, bits);
+            const int copies = copies_for(tiles.qweight.size() + tiles.absmax.size());
+            std::vector<kbit::KernelWeight> weights;
+            float* codebook_d = device_codebook(bits);
+            float* scale_d = device_copy(std::vector<float>(shape.n, 0.01f));
+            for (int c = 0; c < copies; ++c) {
+                weights.push_back({device_copy(tiles.qweight), device_copy(tiles.absmax), scale_d, codebook_d,
+                                   shape.n, shape.k, bits});
             }
-            for (auto* ptr : dense) check(cudaFree(ptr), "cudaFree");
-            check(cudaFree(x), "cudaFree");
-            check(cudaFree(y), "cudaFree");
-            check(cudaFree(out), "cudaFree");
+            for (int m : token_counts) {
+                const float kbit_us = time_graph([&] {
+                    for (const auto& w : weights) {
+                        before_call(m);
+                        kbit::mma(out, x, w, m, kbit::DType::kFloat16, stream);
+                    }
+                }, copies, stream);
+                const float alpha = 1.f, beta = 0.f;
+                const float fp16_us = time_graph([&] {
+                    for (const __half* w : dense) {
+                        before_call(m);
+                        check(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, shape.n, m, shape.k, &alpha, w,
+                                           CUDA_R_16F, shape.k, x, CUDA_R_16F, shape.k, &beta, out, CUDA_R_16F,
+                                           shape.n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                              "cublasGemmEx");
+                    }
+                }, static_cast<int>(dense.size()), stream);
+                printf("%s\t%s\t%d\t%d\t%.2f\t%.2f\n", label.c_str(), shape.name, bits, m, kbit_us, fp16_us);
+                fflush(stdout);
+            }
+            for (const auto& w : weights) free_weight(w);
+            check(cudaFree(codebook_d), "cudaFree");
+            check(cudaFree(scale_d), "cudaFree");
+        }
+        for (auto* ptr : dense) check(cudaFree(ptr), "cudaFree");
+        check(cudaFree(x), "cudaFree");
+        check(cudaFree(y), "cudaFree");
+        check(cudaFree(out), "cudaFree");
+    }
+    check(cublasDestroy(cublas), "cublasDestroy");
+}
+
+struct MoeModel {
+    const char* name;
+    int experts, top_k, hidden, intermediate;
+};
+
+void time_moe(const std::string& label, std::mt19937& rng, cudaStream_t stream) {
+    const MoeModel models[] = {{"Qwen3-30B-A3B", 128, 8, 2048, 768}, {"Qwen3-Next", 512, 10, 2048, 512}};
+    const int token_counts[] = {1, 2, 4, 8, 16, 32, 64};
+    constexpr int kRoutings = 16;
+    for (const MoeModel& model : models) {
+        const int h = model.hidden, inter = model.intermediate, e = model.experts, top_k = model.top_k;
+        // bf16 activations of 0.125..0.25 in magnitude
+        std::vector<uint16_t> xs(static_cast<size_t>(kMaxM) * h);
+        for (auto& v : xs) v = static_cast<uint16_t>(0x3e00 + (rng() & 0x1ff) + ((rng() & 1) << 15));
+        void* x = device_copy(xs);
+        void *hidden = nullptr, *out = nullptr;
+        float* pair_out = nullptr;
+        check(cudaMalloc(&hidden, static_cast<size_t>(kMaxM) * top_k * inter * 2), "cudaMalloc");
+        check(cudaMalloc(&pair_out, static_cast<size_t>(kMaxM) * top_k * h * 4), "cudaMalloc");
+        check(cudaMalloc(&out, static_cast<size_t>(kMaxM) * h * 2), "cudaMalloc");
+        for (int bits : kBitWidths) {
+            float* codebook_d = device_codebook(bits);
+            const auto stacked = [&](int n, int k) {  // e experts' [n, k] weights
+                const RandomTiles tiles = random_tiles(rng, static_cast<long long>(e) * n / kbit::kTileRows, k, bits);
+                return kbit::KernelWeight{device_copy(tiles.qweight), device_copy(tiles.absmax),
+                                          device_copy(std::vector<float>(static_cast<size_t>(e) * n, 0.01f)),
+                                          codebook_d, n, k, bits};
+            };
+            const kbit::KernelWeight w13 = stacked(2 * inter, h), w2 = stacked(h, inter);
+            for (int m : token_counts) {
+                std::vector<kbit::MoeRouting> routings;
+                std::vector<int> order(e);
+                for (int r = 0; r < kRoutings; ++r) {
+                    std::vector<int32_t> ids(static_cast<size_t>(m) * top_k);
+                    std::vector<float> weights(ids.size());
+                    for (int t = 0; t < m; ++t) {
+                        for (int i = 0; i < e; ++i) order[i] = i;
+                        std::shuffle(order.begin(), order.end(), rng);
+                        for (int j = 0; j < top_k; ++j) {
+                            ids[t * top_k + j] = order[j];
+                            weights[t * top_k + j] = 0.05f + static_cast<float>(rng() % 100) / 1000.f;
+                        }
+                    }
+                    routings.push_back({device_copy(ids), device_copy(weights), m, top_k, e});
+                }
+                const float kbit_us = time_graph([&] {
+                    for (const auto& r : routings) {
+                        kbit::moe_experts(out, x, hidden, pair_out, r, w13, w2, kbit::kMoeSilu,
+                                          kbit::DType::kBFloat16, stream);
+                    }
+                }, kRoutings, stream);
+                printf("%s\t%s\t%d\t%d\t%.2f\tnan\n", label.c_str(), model.name, bits, m, kbit_us);
+                fflush(stdout);
+                for (const auto& r : routings) {
+                    check(cudaFree(const_cast<int32_t*>(r.topk_ids)), "cudaFree");
+                    check(cudaFree(const_cast<float*>(r.topk_weights)), "cudaFree");
+                }
+            }
+            for (const auto* w : {&w13, &w2}) {
+                free_weight(*w);
+                check(cudaFree(const_cast<float*>(w->scale)), "cudaFree");
+            }
+            check(cudaFree(codebook_d), "cudaFree");
+        }
+        check(cudaFree(x), "cudaFree");
+        check(cudaFree(hidden), "cudaFree");
+        check(cudaFree(pair_out), "cudaFree");
+        check(cudaFree(out), "cudaFree");
+    }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const std::string label = argc > 1 ? argv[1] : "base";
+    const std::string mode = argc > 2 ? argv[2] : "";
+    cudaStream_t stream;
+    std::mt19937 rng(1234);
+    try {
+        check(cudaStreamCreate(&stream), "cudaStreamCreate");
+        if (mode == "moe") {
+            time_moe(label, rng, stream);
+        } else {
+            time_dense(label, mode == "interleave", rng, stream);
         }
     } catch (const std::exception& e) {
         fprintf(stderr, "kernel_ab: %s\n", e.what());

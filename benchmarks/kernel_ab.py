@@ -1,11 +1,12 @@
-"""A/B timing of dense MMA kernel variants on the GPU, without torch or vLLM (no install, no vLLM kit).
+"""A/B timing of MMA kernel variants on the GPU, without torch or vLLM (no install, no vLLM kit).
 
 Builds benchmarks/kernel_ab.cu against kernels/ as it is ("base") and against patched copies of kernels/, one per
 variant, in parallel, runs each, and prints every variant's speedup over base (and base's over fp16 cuBLAS) per
-(shape, k, M). A variants file is JSON: {"name": [["mma_core.cuh", "exact old text", "new text"], ...], ...}; each
+(shape, k, M): the dense tier, or with --moe the grouped MoE experts (Qwen3-30B-A3B and Qwen3-Next expert layers,
+no baseline). A variants file is JSON: {"name": [["mma_core.cuh", "exact old text", "new text"], ...], ...}; each
 old text must occur exactly once. Timing only: a variant worth keeping goes into kernels/ and through the GPU tests.
 
-    python benchmarks/kernel_ab.py [--variants FILE] [--interleave] [--arch sm_90] [--out DIR]
+    python benchmarks/kernel_ab.py [--variants FILE] [--interleave | --moe] [--arch sm_90] [--out DIR]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -32,7 +34,7 @@ def build(name: str, patches: list[list[str]], arch: str, work: Path) -> Path:
         (src / file).write_text(text.replace(old, new))
     exe = work / name / "kernel_ab"
     cmd = ["nvcc", "-O3", "-std=c++17", f"-arch={arch}", "-Xptxas=-v", f"-I{src}",
-           str(REPO / "benchmarks/kernel_ab.cu"), str(src / "mma.cu"), "-lcublas", "-o", str(exe)]
+           str(REPO / "benchmarks/kernel_ab.cu"), str(src / "mma.cu"), str(src / "moe.cu"), "-lcublas", "-o", str(exe)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"variant {name} does not build:\n{result.stderr[-4000:]}")
@@ -45,7 +47,9 @@ def build(name: str, patches: list[list[str]], arch: str, work: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", type=Path, help="JSON file of variants (default: base only)")
-    parser.add_argument("--interleave", action="store_true", help="a small kernel before every call, as in a model")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--interleave", action="store_true", help="a small kernel before every call, as in a model")
+    mode.add_argument("--moe", action="store_true", help="time the grouped MoE experts instead of the dense tier")
     parser.add_argument("--arch", default="sm_90")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="where kernel_ab.tsv goes")
     args = parser.parse_args()
@@ -55,8 +59,8 @@ def main() -> None:
         exes = dict(zip(variants, pool.map(lambda v: build(v, variants[v], args.arch, Path(tmp)), variants)))
         rows = []
         for name, exe in exes.items():
-            result = subprocess.run([str(exe), name] + (["interleave"] if args.interleave else []),
-                                    capture_output=True, text=True)
+            mode = ["moe"] if args.moe else ["interleave"] if args.interleave else []
+            result = subprocess.run([str(exe), name] + mode, capture_output=True, text=True)
             if result.returncode:
                 raise SystemExit(f"variant {name} failed: {result.stderr[-2000:]}")
             rows += [line.split("\t") for line in result.stdout.splitlines()]
@@ -72,7 +76,8 @@ def main() -> None:
     for case in cases:
         base, fp16 = times[("base", *case)]
         ratios = " ".join(f"{base / times[(v, *case)][0]:>9.2f}x" for v in others)
-        print(f"{case[0]:<20} {case[1]:>2} {case[2]:>3} {base:>8.2f} {fp16 / base:>7.2f}x {ratios}")
+        baseline = f"{fp16 / base:>7.2f}x" if math.isfinite(fp16) else f"{'-':>8}"  # --moe: no baseline
+        print(f"{case[0]:<20} {case[1]:>2} {case[2]:>3} {base:>8.2f} {baseline} {ratios}")
     print(f"\nspeedup of each variant over base (> 1: faster); rows in {args.out / 'kernel_ab.tsv'}")
 
 
