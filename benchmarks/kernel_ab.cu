@@ -2,8 +2,9 @@
 // experts (kbit::moe_experts), for A/B tests of kernel variants: benchmarks/kernel_ab.py builds this against patched
 // copies of kernels/ and compares them. Timing only (tests/test_kernels_gpu.py and test_moe_gpu.py check results):
 // random kernel-layout weights (random index bits, absmax codes of moderate values); dense weights in copies that
-// rotate over 256 MB, MoE calls over 16 random routings (distinct experts per token), so that every call reads its
-// weights from HBM; the median over CUDA-graph replays.
+// rotate over 256 MB, so that every call reads its weight from HBM; MoE calls rotate over 16 random routings
+// (distinct experts per token) of one copy of the experts, so that consecutive calls mostly read other experts (as
+// bench_moe.py; at M = 1 some of the last calls' experts may still be in L2); the median over CUDA-graph replays.
 //   kernel_ab LABEL [interleave | moe]
 // interleave: a small kernel (as a norm before a GEMM in a model) runs before every dense call, in both columns.
 // moe: the expert layers of Qwen3-30B-A3B and Qwen3-Next, bf16 activations, no baseline (fp16_us is nan).
@@ -191,7 +192,7 @@ void time_moe(const std::string& label, std::mt19937& rng, cudaStream_t stream) 
     constexpr int kRoutings = 16;
     for (const MoeModel& model : models) {
         const int h = model.hidden, inter = model.intermediate, e = model.experts, top_k = model.top_k;
-        // bf16 activations of 0.125..0.25 in magnitude
+        // bf16 activations of 0.125..2 in magnitude
         std::vector<uint16_t> xs(static_cast<size_t>(kMaxM) * h);
         for (auto& v : xs) v = static_cast<uint16_t>(0x3e00 + (rng() & 0x1ff) + ((rng() & 1) << 15));
         void* x = device_copy(xs);

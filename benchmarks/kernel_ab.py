@@ -40,7 +40,7 @@ def build(name: str, patches: list[list[str]], arch: str, work: Path) -> Path:
         raise SystemExit(f"variant {name} does not build:\n{result.stderr[-4000:]}")
     spills = sum(1 for line in result.stderr.splitlines()
                  if "spill stores" in line and " 0 bytes spill stores" not in line)
-    print(f"{name}: built, {spills} kernel instantiations spill", flush=True)
+    print(f"{name}: built, {spills} kernel instantiations spill (mma.cu and moe.cu)", flush=True)
     return exe
 
 
@@ -59,8 +59,8 @@ def main() -> None:
         exes = dict(zip(variants, pool.map(lambda v: build(v, variants[v], args.arch, Path(tmp)), variants)))
         rows = []
         for name, exe in exes.items():
-            mode = ["moe"] if args.moe else ["interleave"] if args.interleave else []
-            result = subprocess.run([str(exe), name] + mode, capture_output=True, text=True)
+            flags = ["moe"] if args.moe else ["interleave"] if args.interleave else []
+            result = subprocess.run([str(exe), name] + flags, capture_output=True, text=True)
             if result.returncode:
                 raise SystemExit(f"variant {name} failed: {result.stderr[-2000:]}")
             rows += [line.split("\t") for line in result.stdout.splitlines()]
