@@ -45,29 +45,16 @@ struct DenseProblem {
     }
 };
 
-// K-slices per row tile, and so row tiles per unit (block_warps / slices): the split whose busiest block finishes
-// first by a simple cost, rounds x (column tiles per warp and unit + 1), where a round is one unit on every block
-// and the 1 stands for a unit's end (its barriers, the sums through shared memory, the stores, the restart of the
-// warps' load pipelines), which measured about a column tile's time; on a tie, fewer K-slices (fewer barriers).
-// Fewer K-slices also let more warps read the same activations through L1. On an H100 this cost picks the fastest of
-// the 4-5 splits measured on every benchmark shape and M (kernel_experiments.md): Llama-3-8B gate_up (896 row tiles)
-// gets 2 K-slices at 16 warps and 1 at 8 (was 16 and 8), 1.03-1.36x faster; every other benchmark shape keeps the
-// split of the rule before (units of two row tiles where that adds no row tile to the busiest block).
+// The split by least_cost_split, a round being one unit on every multiprocessor. Llama-3-8B gate_up (896 row tiles)
+// gets 2 K-slices at 16 warps and 1 at 8 (1.03-1.36x faster on an H100 than the 16 and 8 of the rule before, units
+// of two row tiles where that adds no row tile to the busiest block); every other benchmark shape keeps its split.
 MmaParams dense_params(const KernelWeight& w, int tokens, int warps, int rowtiles, bool chained) {
     const int blocks = multiprocessors();
-    const auto cost = [&](const MmaParams& p) {
+    return least_cost_split(w, tokens, warps, chained, [&](const MmaParams& p) {
         const int unit_rowtiles = warps >> p.slices_log2;
         const int units = (rowtiles + unit_rowtiles - 1) / unit_rowtiles;
-        return static_cast<long long>((units + blocks - 1) / blocks) * (p.steps + 1);
-    };
-    MmaParams best = make_params(w, tokens, warps, chained);
-    long long best_cost = cost(best);
-    for (int max_slices = warps / 2; max_slices >= 1; max_slices /= 2) {
-        const MmaParams fewer = make_params(w, tokens, max_slices, chained);
-        const long long fewer_cost = cost(fewer);
-        if (fewer_cost <= best_cost) best = fewer, best_cost = fewer_cost;
-    }
-    return best;
+        return static_cast<double>((units + blocks - 1) / blocks);
+    });
 }
 
 }  // namespace

@@ -542,6 +542,26 @@ inline MmaParams make_params(const KernelWeight& w, int m, int max_slices, bool 
             groups, slices_log2, (groups + slices - 1) / slices, chained};
 }
 
+// The K-split of a launch (K-slices per row tile, and so row tiles per unit): of make_params' splits for max_slices
+// = most, most / 2, ..., 1, the one whose busiest block finishes first by a simple cost, rounds(p) x (column tiles
+// per warp and unit + 1), where a round is one unit on every block and the 1 stands for a unit's end (its barriers,
+// the sums through shared memory, the stores, the restart of the warps' load pipelines), which measured about a
+// column tile's time; on a tie, fewer K-slices (fewer barriers; more warps also read the same activations through
+// L1). On an H100 this picks the fastest of the 4-5 splits measured for every dense benchmark shape and M
+// (benchmarks/kernel_experiments.md).
+template <class Rounds>
+MmaParams least_cost_split(const KernelWeight& w, int m, int most, bool chained, Rounds&& rounds) {
+    const auto cost = [&](const MmaParams& p) { return rounds(p) * (p.steps + 1.0); };
+    MmaParams best = make_params(w, m, most, chained);
+    double best_cost = cost(best);
+    for (int max_slices = most / 2; max_slices >= 1; max_slices /= 2) {
+        const MmaParams fewer = make_params(w, m, max_slices, chained);
+        const double fewer_cost = cost(fewer);
+        if (fewer_cost <= best_cost) best = fewer, best_cost = fewer_cost;
+    }
+    return best;
+}
+
 // Bytes of the table for `bits` (Lut<bits>::kBytes at run time).
 inline size_t lut_bytes(int bits) {
     switch (bits) {

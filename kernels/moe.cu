@@ -193,30 +193,21 @@ int moe_grid(const MoeRouting& r, int units_per_expert) {
     return static_cast<int>(std::min<long long>(bound, multiprocessors()));
 }
 
-// The K-split of one launch by the dense tier's cost (mma.cu, dense_params): the least rounds x (column tiles per
-// warp and unit + 1) over every power-of-two split, ties to fewer K-slices, with rounds from the expected number of
-// used experts under uniform routing (one token uses top_k experts, 16 tokens (top-8 of 128) about 82). GATED units
-// hold gate and up row tiles in pairs, so they take at most half the warps as K-slices.
+// The split of one launch by least_cost_split, with rounds from the expected number of used experts under uniform
+// routing (one token uses top_k experts, 16 tokens (top-8 of 128) about 82). GATED units hold gate and up row tiles
+// in pairs, so they take at most half the warps as K-slices. On an H100, against the rule before (the fewest
+// K-slices that still gave every multiprocessor two units): M = 1..2 1.09-1.31x, M = 8..16 1.00-1.06x, M = 32..64
+// 0.97-1.01x (benchmarks/kernel_experiments.md).
 MmaParams moe_params(const MoeRouting& r, const KernelWeight& w, bool gated) {
     const double unused = std::pow(1.0 - std::min(1.0, static_cast<double>(r.top_k) / r.experts), r.m);
     const double used = r.experts * (1.0 - unused);
     const int warps = block_warps(token_tiles(r.m));
     const int out_rowtiles = gated ? w.n / kTileRows / 2 : w.n / kTileRows;
-    const auto cost = [&](const MmaParams& p) {
-        const int unit_rowtiles = warps >> p.slices_log2;
-        const int unit_outputs = gated ? unit_rowtiles / 2 : unit_rowtiles;
+    return least_cost_split(w, r.m, gated ? warps / 2 : warps, true, [&](const MmaParams& p) {
+        const int unit_outputs = (warps >> p.slices_log2) / (gated ? 2 : 1);  // as make_problem
         const int units_per_expert = (out_rowtiles + unit_outputs - 1) / unit_outputs;
-        return std::ceil(used * units_per_expert / moe_grid(r, units_per_expert)) * (p.steps + 1);
-    };
-    const int most = gated ? warps / 2 : warps;
-    MmaParams best = make_params(w, r.m, most, true);
-    double best_cost = cost(best);
-    for (int max_slices = most / 2; max_slices >= 1; max_slices /= 2) {
-        const MmaParams fewer = make_params(w, r.m, max_slices, true);
-        const double fewer_cost = cost(fewer);
-        if (fewer_cost <= best_cost) best = fewer, best_cost = fewer_cost;
-    }
-    return best;
+        return std::ceil(used * units_per_expert / moe_grid(r, units_per_expert));
+    });
 }
 
 }  // namespace
