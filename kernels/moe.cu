@@ -198,14 +198,13 @@ int moe_grid(const MoeRouting& r, int units_per_expert) {
 // in pairs, so they take at most half the warps as K-slices. On an H100, against the rule before (the fewest
 // K-slices that still gave every multiprocessor two units): M = 1..2 1.09-1.31x, M = 8..16 1.00-1.06x, M = 32..64
 // 0.97-1.01x (benchmarks/kernel_experiments.md).
-MmaParams moe_params(const MoeRouting& r, const KernelWeight& w, bool gated) {
+template <bool GATED>
+MmaParams moe_params(const MoeRouting& r, const KernelWeight& w) {
     const double unused = std::pow(1.0 - std::min(1.0, static_cast<double>(r.top_k) / r.experts), r.m);
     const double used = r.experts * (1.0 - unused);
     const int warps = block_warps(token_tiles(r.m));
-    const int out_rowtiles = gated ? w.n / kTileRows / 2 : w.n / kTileRows;
-    return least_cost_split(w, r.m, gated ? warps / 2 : warps, true, [&](const MmaParams& p) {
-        const int unit_outputs = (warps >> p.slices_log2) / (gated ? 2 : 1);  // as make_problem
-        const int units_per_expert = (out_rowtiles + unit_outputs - 1) / unit_outputs;
+    return least_cost_split(w, r.m, GATED ? warps / 2 : warps, true, [&](const MmaParams& p) {
+        const int units_per_expert = make_problem<GATED>(r, p, w, nullptr, nullptr, 0).units_per_expert;
         return std::ceil(used * units_per_expert / moe_grid(r, units_per_expert));
     });
 }
@@ -230,12 +229,12 @@ void moe_experts(void* out, const void* x, void* hidden, float* pair_out, const 
         float* pair_out_chunk = pair_out + first_pair * hidden_size;
 
         // each launch lets the next (down, the next chunk's gate/up, the sum) start early
-        const MmaParams p13 = moe_params(r, w13, true);
+        const MmaParams p13 = moe_params<true>(r, w13);
         const auto gate_up = make_problem<true>(r, p13, w13, x_chunk, hidden_chunk, activation);
         launch_any<MoeProblem<true>, kMaxTokenTiles>(p13, gate_up, w13.bits, dtype,
                                                      moe_grid(r, gate_up.units_per_expert), first > 0, stream);
 
-        const MmaParams p2 = moe_params(r, w2, false);
+        const MmaParams p2 = moe_params<false>(r, w2);
         const auto down = make_problem<false>(r, p2, w2, hidden_chunk, pair_out_chunk, activation);
         launch_any<MoeProblem<false>, kMaxTokenTiles>(p2, down, w2.bits, dtype, moe_grid(r, down.units_per_expert),
                                                       true, stream);
