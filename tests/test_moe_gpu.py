@@ -97,6 +97,26 @@ def test_random_routing(m, top_k, bits, dtype):
     check(x, topk_weights, topk_ids, bits, dtype)
 
 
+# One token and top_k <= 16: the down launch adds the experts' sums itself (one warp group per expert, K-slices for
+# the warps left: 16 at top-1, none at top-10 and top-16); top-17 takes the general path.
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", kf.SUPPORTED_BITS)
+@pytest.mark.parametrize("top_k", [1, 3, 10, 16, 17])
+def test_one_token(top_k, bits, dtype):
+    gen = torch.Generator().manual_seed(100 + top_k * 10 + bits)
+    topk_weights, topk_ids = random_routing(1, 64, top_k, gen)
+    x = torch.randn(1, 576, generator=gen).to(dtype).cuda()
+    check(x, topk_weights, topk_ids, bits, dtype)
+
+
+def test_one_token_ids_outside_the_experts_contribute_nothing():
+    gen = torch.Generator().manual_seed(29)
+    topk_weights, topk_ids = random_routing(1, 64, 8, gen)
+    topk_ids[0, 0], topk_ids[0, 5] = -1, 64
+    x = torch.randn(1, 576, generator=gen).bfloat16().cuda()
+    check(x, topk_weights, topk_ids, 4, torch.bfloat16)
+
+
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
 def test_other_activations(activation):
     gen = torch.Generator().manual_seed(5)
@@ -134,10 +154,11 @@ def test_qwen3_30b_a3b_layer(m):
     check(x, topk_weights, topk_ids, 4, torch.bfloat16, num_experts=128, hidden=2048, intermediate=768)
 
 
-def test_cuda_graph_follows_the_routing():
+@pytest.mark.parametrize("m", [1, 4])
+def test_cuda_graph_follows_the_routing(m):
     # Captured once, replayed with new routing and activations written into the captured buffers: the kernel
     # finds the used experts on the device, so the replay must match an eager call on the new routing.
-    bits, dtype, m, top_k = 4, torch.bfloat16, 4, 8
+    bits, dtype, top_k = 4, torch.bfloat16, 8
     weights, codebook = experts(64, 576, 96, bits)
     gen = torch.Generator().manual_seed(19)
     topk_weights, topk_ids = random_routing(m, 64, top_k, gen)
