@@ -46,7 +46,8 @@ void mma(void* out, const void* x, const KernelWeight& w, int m, DType dtype, cu
 
 // out [m, H] = sum_j topk_weights[m, j] * W2_e (act(gate) * up), [gate | up] = W13_e x[m], e = topk_ids[m, j], for
 // m >= 1 and top_k <= kMoeMaxPairs. w13: E stacked [2I, H] weights (n = 2I per expert, I a multiple of 32), w2: E
-// stacked [H, I]. Workspace: hidden [m * top_k, I] of dtype, pair_out fp32 [m * top_k, H].
+// stacked [H, I]. Workspace: hidden [m * top_k, I] of dtype, pair_out fp32 [m * top_k, H] (not used for one token
+// with top_k <= 16).
 void moe_experts(void* out, const void* x, void* hidden, float* pair_out, const MoeRouting& routing,
                  const KernelWeight& w13, const KernelWeight& w2, int activation, DType dtype, cudaStream_t stream);
 

@@ -357,7 +357,8 @@ __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32
 //   begin_unit(Shared&, p, unit, warp, lane, x_lane, slot_factor)
 //                                    per warp, before the unit is decoded: this lane's activation pointers
 //                                    (x_lane[nt]: 16-byte activations of token G + 8 nt, column tile 0, at input
-//                                    8 c; null where there is no token; slot 0 always holds one) and the factor of
+//                                    8 c; null where there is no token; slot 0 always holds one where the warp
+//                                    has a row tile) and the factor of
 //                                    token `lane`'s outputs
 //                                    (slot_factor, e.g. a routing weight; 1 for none);
 //   store<T>(const Shared&, partial, p, unit)
@@ -647,7 +648,7 @@ void launch_any(const MmaParams& p, const Problem& prob, int bits, DType dtype, 
             constexpr int B = decltype(bits_constant)::value;
             switch (token_tiles(p.m)) {
                 case 1: launch<Problem, B, 1, T>(p, prob, grid, early_start, stream); break;
-                case 2: launch<Problem, B, 2, T>(p, prob, grid, early_start, stream); break;
+                case 2: if constexpr (MAX_NT >= 2) launch<Problem, B, 2, T>(p, prob, grid, early_start, stream); break;
                 case 4: if constexpr (MAX_NT >= 4) launch<Problem, B, 4, T>(p, prob, grid, early_start, stream); break;
                 default: if constexpr (MAX_NT >= 8) launch<Problem, B, 8, T>(p, prob, grid, early_start, stream); break;
             }

@@ -182,7 +182,7 @@ struct MoeTokenDownProblem {
     __device__ int units(const Shared&) const { return rowtiles; }
     __device__ int rowtile(const Shared&, int unit, int sub) const {
         if (unit >= rowtiles || sub >= top_k) return -1;
-        const int expert = topk_ids[sub];
+        const int expert = __ldg(topk_ids + sub);
         return expert >= 0 && expert < experts ? expert * rowtiles + unit : -1;
     }
     template <int NT>
@@ -199,7 +199,10 @@ struct MoeTokenDownProblem {
     __device__ void store(const Shared&, const float* partial, const MmaParams& p, int unit) const {
         for (int row = threadIdx.x; row < kTileRows; row += blockDim.x) {
             float sum = 0.f;
-            for (int j = 0; j < top_k; ++j) sum += slice_sum(partial, p, j, 0, row);  // 0 for an id outside
+            for (int j = 0; j < top_k; ++j) {  // as moe_sum: ids outside [0, E) (and their weights) count for nothing
+                const int expert = __ldg(topk_ids + j);
+                if (expert >= 0 && expert < experts) sum += slice_sum(partial, p, j, 0, row);
+            }
             Act<T>::store(out, static_cast<long long>(unit) * kTileRows + row, sum);
         }
     }
@@ -275,7 +278,8 @@ void moe_experts(void* out, const void* x, void* hidden, float* pair_out, const 
         void* hidden_chunk = static_cast<char*>(hidden) + first_pair * intermediate * kElementBytes;
         float* pair_out_chunk = pair_out + first_pair * hidden_size;
 
-        // each launch lets the next (down, the next chunk's gate/up, the sum) start early
+        // each launch lets the next (down, the next chunk's gate/up, the sum) start early; the one-token down launch
+        // is the op's last
         const MmaParams p13 = moe_params<true>(r, w13);
         const auto gate_up = make_problem<true>(r, p13, w13, x_chunk, hidden_chunk, activation);
         launch_any<MoeProblem<true>, kMaxTokenTiles>(p13, gate_up, w13.bits, dtype,
@@ -285,11 +289,11 @@ void moe_experts(void* out, const void* x, void* hidden, float* pair_out, const 
             int expert_groups = 1;
             while (expert_groups < r.top_k) expert_groups *= 2;
             const MmaParams p2 = make_params(w2, 1, kMostWarps / expert_groups, false);
-            const MoeTokenDownProblem down{r.topk_ids, r.topk_weights, hidden, out, r.top_k, r.experts,
+            const MoeTokenDownProblem down{r.topk_ids, r.topk_weights, hidden_chunk, out, r.top_k, r.experts,
                                            w2.n / kTileRows};
             launch_any<MoeTokenDownProblem, 1>(p2, down, w2.bits, dtype, std::min(down.rowtiles, multiprocessors()),
                                                true, stream);
-            return;
+            return;  // the only chunk, and no sum
         }
         const MmaParams p2 = moe_params<false>(r, w2);
         const auto down = make_problem<false>(r, p2, w2, hidden_chunk, pair_out_chunk, activation);

@@ -97,22 +97,25 @@ def test_random_routing(m, top_k, bits, dtype):
     check(x, topk_weights, topk_ids, bits, dtype)
 
 
-# One token and top_k <= 16: the down launch adds the experts' sums itself (one warp group per expert, K-slices for
-# the warps left: 16 at top-1, none at top-10 and top-16); top-17 takes the general path.
+# One token and top_k <= 16: the down launch adds the experts' sums itself, one group of warps per expert whose
+# warps are its K-slices. I = 2016 (16 column tiles, the last padded): 16 K-slices at top-1, 4 at top-3, 1 at top-10
+# and top-16; top-17 takes the general path.
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", kf.SUPPORTED_BITS)
 @pytest.mark.parametrize("top_k", [1, 3, 10, 16, 17])
 def test_one_token(top_k, bits, dtype):
     gen = torch.Generator().manual_seed(100 + top_k * 10 + bits)
-    topk_weights, topk_ids = random_routing(1, 64, top_k, gen)
+    topk_weights, topk_ids = random_routing(1, 32, top_k, gen)
     x = torch.randn(1, 576, generator=gen).to(dtype).cuda()
-    check(x, topk_weights, topk_ids, bits, dtype)
+    check(x, topk_weights, topk_ids, bits, dtype, num_experts=32, intermediate=2016)
 
 
 def test_one_token_ids_outside_the_experts_contribute_nothing():
+    # whatever their routing weight, as in the sum of the general path
     gen = torch.Generator().manual_seed(29)
     topk_weights, topk_ids = random_routing(1, 64, 8, gen)
     topk_ids[0, 0], topk_ids[0, 5] = -1, 64
+    topk_weights[0, 0] = float("inf")
     x = torch.randn(1, 576, generator=gen).bfloat16().cuda()
     check(x, topk_weights, topk_ids, 4, torch.bfloat16)
 
