@@ -358,9 +358,8 @@ __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32
 //                                    per warp, before the unit is decoded: this lane's activation pointers
 //                                    (x_lane[nt]: 16-byte activations of token G + 8 nt, column tile 0, at input
 //                                    8 c; null where there is no token; slot 0 always holds one where the warp
-//                                    has a row tile) and the factor of
-//                                    token `lane`'s outputs
-//                                    (slot_factor, e.g. a routing weight; 1 for none);
+//                                    has a row tile) and the factor of token `lane`'s outputs (slot_factor, e.g.
+//                                    a routing weight; 1 for none);
 //   store<T>(const Shared&, partial, p, unit)
 //                                    all threads, once the unit's partial sums are in shared memory (sum them
 //                                    with slice_sum: row scale and token factor are applied); the block
