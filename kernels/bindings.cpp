@@ -77,20 +77,52 @@ void dequantize(uintptr_t out, uintptr_t qweight, uintptr_t absmax, uintptr_t sc
     kbit::dequantize(reinterpret_cast<void*>(out), w, dt, as_stream(stream));
 }
 
-void mma(uintptr_t out, uintptr_t x, uintptr_t qweight, uintptr_t absmax, uintptr_t scale, uintptr_t codebook,
-          int64_t m, int64_t n, int64_t k, int bits, int dtype, uintptr_t stream) {
-    const std::string fn = "mma";
+// The checks of a product out [M, N] = x [M, K] @ W^T (mma, wgmma); makes out's device current.
+kbit::KernelWeight check_product(const std::string& fn, uintptr_t out, uintptr_t x, uintptr_t qweight,
+                                 uintptr_t absmax, uintptr_t scale, uintptr_t codebook, int64_t m, int64_t n,
+                                 int64_t k, int bits) {
     const kbit::KernelWeight w = check_weight(fn, qweight, absmax, scale, codebook, n, k, bits);
-    const DType dt = check_dtype(fn, dtype);
     if (m < 1 || m > std::numeric_limits<int>::max()) {
         fail(fn, "M (rows of x) must be in 1..2^31-1, got " + std::to_string(m));
     }
     check_pointer(fn, "x", x, 16);
     check_pointer(fn, "out", out, 2);
     use_device_of(fn, out);
-    kbit::mma(reinterpret_cast<void*>(out), reinterpret_cast<const void*>(x), w, static_cast<int>(m), dt,
-               as_stream(stream));
+    return w;
 }
+
+void mma(uintptr_t out, uintptr_t x, uintptr_t qweight, uintptr_t absmax, uintptr_t scale, uintptr_t codebook,
+         int64_t m, int64_t n, int64_t k, int bits, int dtype, uintptr_t stream) {
+    const std::string fn = "mma";
+    const DType dt = check_dtype(fn, dtype);
+    const kbit::KernelWeight w = check_product(fn, out, x, qweight, absmax, scale, codebook, m, n, k, bits);
+    kbit::mma(reinterpret_cast<void*>(out), reinterpret_cast<const void*>(x), w, static_cast<int>(m), dt,
+              as_stream(stream));
+}
+
+#ifdef KBIT_WGMMA
+// Bytes of the workspace that wgmma needs for this product on out's device.
+int64_t wgmma_workspace(uintptr_t out, int64_t m, int64_t n, int64_t k) {
+    const std::string fn = "wgmma_workspace";
+    if (m < 1 || m > std::numeric_limits<int>::max() || n < 1 || n > (int64_t{1} << 30) || k < 1 ||
+        k > (int64_t{1} << 24)) {
+        fail(fn, "M, N, K out of range");
+    }
+    check_pointer(fn, "out", out, 2);
+    use_device_of(fn, out);
+    return kbit::wgmma_workspace_bytes(static_cast<int>(m), static_cast<int>(n), static_cast<int>(k));
+}
+
+void wgmma(uintptr_t out, uintptr_t x, uintptr_t qweight, uintptr_t absmax, uintptr_t scale, uintptr_t codebook,
+           uintptr_t workspace, int64_t m, int64_t n, int64_t k, int bits, int dtype, uintptr_t stream) {
+    const std::string fn = "wgmma";
+    const DType dt = check_dtype(fn, dtype);
+    const kbit::KernelWeight w = check_product(fn, out, x, qweight, absmax, scale, codebook, m, n, k, bits);
+    check_pointer(fn, "workspace", workspace, 16);
+    kbit::wgmma(reinterpret_cast<void*>(out), reinterpret_cast<const void*>(x), w, static_cast<int>(m), dt,
+                reinterpret_cast<void*>(workspace), as_stream(stream));
+}
+#endif
 
 void moe_experts(uintptr_t out, uintptr_t x, uintptr_t hidden, uintptr_t pair_out, uintptr_t topk_ids,
                  uintptr_t topk_weights, uintptr_t w13_qweight, uintptr_t w13_absmax, uintptr_t w13_scale,
@@ -157,6 +189,17 @@ PYBIND11_MODULE(_C, mod) {
             py::arg("out"), py::arg("x"), py::arg("qweight"), py::arg("absmax"), py::arg("scale"),
             py::arg("codebook"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("dtype"),
             py::arg("stream"));
+#ifdef KBIT_WGMMA
+    mod.def("wgmma_workspace", &wgmma_workspace,
+            "Bytes of the device workspace that wgmma needs for this product on out's device.",
+            py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K"));
+    mod.def("wgmma", &wgmma,
+            "out [M, N] = x [M, K] @ W^T on the Hopper warpgroup MMA (sm_90 only; dequantization fused, the weight "
+            "read once per 128 rows of x); x and out as for mma; workspace: wgmma_workspace(out, M, N, K) bytes.",
+            py::arg("out"), py::arg("x"), py::arg("qweight"), py::arg("absmax"), py::arg("scale"),
+            py::arg("codebook"), py::arg("workspace"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bits"),
+            py::arg("dtype"), py::arg("stream"));
+#endif
     mod.def("moe_experts", &moe_experts,
             "out [M, H] = sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(x[m]) for top_k <= MOE_MAX_PAIRS, in "
             "chunks of up to 64 tokens: grouped gate/up with the activation fused (0 silu, 1 gelu, 2 gelu_tanh), "

@@ -44,6 +44,12 @@ void dequantize(void* out, const KernelWeight& w, DType dtype, cudaStream_t stre
 // out [m, n] = x [m, k] @ W^T, x and out of `dtype`, fp32 accumulation; m >= 1.
 void mma(void* out, const void* x, const KernelWeight& w, int m, DType dtype, cudaStream_t stream);
 
+// The same product on the Hopper warpgroup MMA (kernels/wgmma.cu; built for sm_90a only, where KBIT_WGMMA is
+// defined), with a device workspace of wgmma_workspace_bytes(m, n, k) bytes, 16-byte aligned (the count depends on
+// the current device's multiprocessors).
+long long wgmma_workspace_bytes(int m, int n, int k);
+void wgmma(void* out, const void* x, const KernelWeight& w, int m, DType dtype, void* workspace, cudaStream_t stream);
+
 // out [m, H] = sum_j topk_weights[m, j] * W2_e (act(gate) * up), [gate | up] = W13_e x[m], e = topk_ids[m, j], for
 // m >= 1 and top_k <= kMoeMaxPairs. w13: E stacked [2I, H] weights (n = 2I per expert, I a multiple of 32), w2: E
 // stacked [H, I]. Workspace: hidden [m * top_k, I] of dtype, pair_out fp32 [m * top_k, H] (not used for one token

@@ -7,18 +7,28 @@ from vllm_kbit import capabilities as caps
 COMPILED = frozenset(t.name for t in caps.GPU_TIERS)
 
 
-@pytest.mark.parametrize("compiled", [COMPILED, frozenset({"dequant_cublas"}), frozenset()])
-def test_dense_tiers_cover_every_m_once(compiled):
-    tiers = caps.available_tiers(90, compiled)
-    for m in list(range(1, 70)) + [1 << 20]:
+@pytest.mark.parametrize("capability", [80, 89, 90, 100])
+@pytest.mark.parametrize("shape", [None, (4096, 4096), (512, 2048)])
+@pytest.mark.parametrize("compiled", [COMPILED, frozenset({"dequant_cublas", "wgmma"}), frozenset()])
+def test_dense_tiers_cover_every_m_once(compiled, shape, capability):
+    tiers = caps.available_tiers(capability, compiled, *(shape or (None, None)))
+    for m in list(range(1, 300)) + [1 << 20]:
         assert sum(t.min_m <= m <= t.max_m for t in tiers) == 1, f"M={m}"
-    if "mma" not in compiled:  # without the MMA kernel the fallback serves every M
+    if "mma" not in compiled and (capability != 90 or "wgmma" not in compiled or shape == (512, 2048)):
         assert [t.name for t in tiers] == ["dequant_cublas"]
 
 
 def test_dense_plan_for_hopper():
     tiers = caps.available_tiers(90, COMPILED)
-    assert caps.describe_tiers(tiers) == "M=1..64: mma, M=65..: dequant_cublas"
+    assert caps.describe_tiers(tiers) == ("M=1..64: mma, M=65..256: wgmma (N >= 4096, K >= 4096; else dequant_cublas), "
+                                          "M=257..: dequant_cublas")
+    assert caps.describe_tiers(caps.available_tiers(90, COMPILED, 6144, 4096)) == (
+        "M=1..64: mma, M=65..256: wgmma (N >= 4096, K >= 4096; else dequant_cublas), M=257..: dequant_cublas")
+    # a small layer (Qwen3-Next kv), or a GPU other than Hopper: no wgmma
+    assert caps.describe_tiers(caps.available_tiers(90, COMPILED, 512, 2048)) == "M=1..64: mma, M=65..: dequant_cublas"
+    for capability in (80, 89, 100):
+        assert caps.describe_tiers(caps.available_tiers(capability, COMPILED, 6144, 4096)) == (
+            "M=1..64: mma, M=65..: dequant_cublas")
 
 
 @pytest.mark.parametrize("m,top_k,experts,intermediate,tier", [

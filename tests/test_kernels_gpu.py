@@ -83,6 +83,68 @@ def test_mma(n, k, bits, dtype, m):
     assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
 
 
+def wgmma_or_skip():
+    if not hasattr(_C, "wgmma"):
+        pytest.skip("the wgmma kernel is built only with 90 among KBIT_CUDA_ARCHS")
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma runs on sm_90 (Hopper) only")
+
+
+def run_wgmma(x, n, k, bits):
+    """_C.wgmma with its output and workspace poisoned (NaN fp16/bf16 outputs, NaN fp32 partial sums)."""
+    t, codebook, qweight_tiled, absmax_tiled, _ = quantized(n, k, bits)
+    m = x.shape[0]
+    out = torch.full((m, n), float("nan"), dtype=x.dtype, device="cuda")
+    workspace = torch.full((_C.wgmma_workspace(out.data_ptr(), m, n, k),), 255, dtype=torch.uint8, device="cuda")
+    _C.wgmma(out.data_ptr(), x.data_ptr(), qweight_tiled.data_ptr(), absmax_tiled.data_ptr(), t.scale.data_ptr(),
+             codebook.data_ptr(), workspace.data_ptr(), m, n, k, bits, DTYPE_CODES[x.dtype], stream())
+    return out
+
+
+# Every shape above (with and without K-slices), a Llama-3-8B down (K-slices of 14 column tiles); M: one token, one
+# token tile full and partly filled, several token tiles.
+@pytest.mark.parametrize("m", [1, 65, 128, 129, 300])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", kf.SUPPORTED_BITS)
+@pytest.mark.parametrize("n,k", SHAPES + [(4096, 14336)])
+def test_wgmma(n, k, bits, dtype, m):
+    wgmma_or_skip()
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    out = run_wgmma(x, n, k, bits)
+    assert not out.isnan().any(), "unwritten or non-finite outputs"
+    err = relative_error(out, x, quantized(n, k, bits)[4])
+    assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
+
+
+def test_wgmma_cuda_graph_matches_eager():
+    wgmma_or_skip()
+    n, k, bits, m = 4096, 4096, 4, 200  # K-slices (a workspace) and two token tiles
+    t, codebook, qweight_tiled, absmax_tiled, _ = quantized(n, k, bits)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    eager = run_wgmma(x, n, k, bits)
+    out = torch.full_like(eager, float("nan"))
+    workspace = torch.empty(_C.wgmma_workspace(out.data_ptr(), m, n, k), dtype=torch.uint8, device="cuda")
+    call = functools.partial(_C.wgmma, out.data_ptr(), x.data_ptr(), qweight_tiled.data_ptr(), absmax_tiled.data_ptr(),
+                             t.scale.data_ptr(), codebook.data_ptr(), workspace.data_ptr(), m, n, k, bits, 0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call(side.cuda_stream)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call(stream())
+    for _ in range(3):
+        out.fill_(float("nan"))
+        workspace.fill_(255)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+    with pytest.raises(ValueError, match="workspace is a null pointer"):
+        _C.wgmma(out.data_ptr(), x.data_ptr(), qweight_tiled.data_ptr(), absmax_tiled.data_ptr(), t.scale.data_ptr(),
+                 codebook.data_ptr(), 0, m, n, k, bits, 0, stream())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_mma_many_units_per_block(dtype):
     # 1024 row tiles in units of 2 (K has 5 column tiles): every block runs several units, the ring carries tiles
@@ -174,15 +236,16 @@ def test_quantize_on_gpu_equals_cpu(bits):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 4, 5, 16, 17, 64, 128, 129, 300])
-def test_op_every_tier(m, dtype):
-    # torch.ops.kbit.gemm picks the tier by M inside the op: every tier must give the reference result.
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 16, 17, 64, 65, 128, 256, 257, 300])
+@pytest.mark.parametrize("n,k", [(512, 2048), (4096, 4096)])  # without and (on Hopper) with the wgmma tier
+def test_op_every_tier(n, k, m, dtype):
+    # torch.ops.kbit.gemm picks the tier by M and shape inside the op: every tier must give the reference result.
     from vllm_kbit import ops
 
-    n, k, bits = 512, 2048, 3
+    bits = 3
     t, codebook, qweight_tiled, absmax_tiled, reference = quantized(n, k, bits)
     x = torch.randn(m, k, dtype=dtype, device="cuda")
     out = torch.ops.kbit.gemm(x, qweight_tiled, absmax_tiled, t.scale, codebook, bits)
     assert out.shape == (m, n) and out.dtype == dtype
-    print(f"M={m}: tier {ops.tier_name(0, m)}")
+    print(f"{n}x{k} M={m}: tier {ops.tier_name(0, m, n, k)}")
     assert relative_error(out, x, reference) < TOLERANCE[dtype]

@@ -23,19 +23,34 @@ N_ALIGN = BLOCK_SIZE
 
 @dataclass(frozen=True)
 class Tier:
-    """One GPU kernel tier: runs for min_m <= M <= max_m on GPUs of capability >= min_capability."""
+    """One GPU kernel tier: runs for min_m <= M <= max_m on GPUs of capability min_capability..max_capability."""
 
     name: str
     min_m: int
     max_m: int
     min_capability: int
     what: str
+    max_capability: int = 1 << 30
+    # Smallest weight [N, K] the tier takes (per rank); smaller ones run the fallback over its M range.
+    min_n: int = 0
+    min_k: int = 0
+
+    def runs_on(self, capability: int) -> bool:
+        return self.min_capability <= capability <= self.max_capability
+
+    def takes(self, n: int, k: int) -> bool:
+        return n >= self.min_n and k >= self.min_k
 
 
 GPU_TIERS = (
     # The MMA kernel reads the weight once per launch of 64 tokens (16 for k = 2 and 4 on sm_86 / sm_89: less shared
     # memory); on an H100 two launches (M = 128) already lose to writing the dense weight once for cuBLAS.
     Tier("mma", 1, 64, 80, "fused dequant + tensor-core MMA"),
+    # Hopper only (wgmma is an sm_90a instruction, gone on Blackwell). On an H100 (benchmarks/kernel_experiments.md)
+    # it beats both neighbours at M = 128 and 256 on weights with N, K >= 4096 (at M = 128 1.1x fp16 where they
+    # reach 0.5-0.6x); smaller weights split K into slices too short for its fixed cost, and from M = 512 dequantize
+    # + cuBLAS is faster.
+    Tier("wgmma", 65, 256, 90, "fused dequant + Hopper warpgroup MMA", max_capability=90, min_n=4096, min_k=4096),
     Tier("dequant_cublas", 65, 1 << 62, 80, "dequantize + cuBLAS"),
 )
 CPU_TIER = Tier("cpu_dequant_matmul", 1, 1 << 62, 0, "dequantize + torch matmul (CPU)")
@@ -80,15 +95,17 @@ def describe_moe_plan(top_k: int, experts: int, intermediate: int) -> str:
     return f"M=1..{last}: {grouped.name}, M={last + 1}..: {fallback.name} ({fallback.what})"
 
 
-def available_tiers(capability: int, compiled: frozenset[str]) -> tuple[Tier, ...]:
+def available_tiers(capability: int, compiled: frozenset[str], n: int | None = None,
+                    k: int | None = None) -> tuple[Tier, ...]:
     """Tiers usable on a GPU of this capability, given the kernel entry points compiled into _C.
 
     dequant_cublas is the fallback that covers every M; a faster tier takes over its M range only
-    when its kernel exists. Returns tiers sorted by min_m, together covering every M >= 1.
+    when its kernel exists (and, given a weight's N and K, takes that shape). Returns tiers sorted by
+    min_m, together covering every M >= 1.
     """
     fallback = next(t for t in GPU_TIERS if t.name == "dequant_cublas")
-    usable = [t for t in GPU_TIERS if t is not fallback and t.name in compiled
-              and capability >= t.min_capability]
+    usable = [t for t in GPU_TIERS if t is not fallback and t.name in compiled and t.runs_on(capability)
+              and (n is None or k is None or t.takes(n, k))]
     if not usable:
         return (Tier(fallback.name, 1, fallback.max_m, fallback.min_capability, fallback.what),)
     tiers, next_m = [], 1
@@ -97,7 +114,8 @@ def available_tiers(capability: int, compiled: frozenset[str]) -> tuple[Tier, ..
             tiers.append(Tier(fallback.name, next_m, tier.min_m - 1, fallback.min_capability, fallback.what))
         tiers.append(tier)
         next_m = tier.max_m + 1
-    tiers.append(Tier(fallback.name, next_m, fallback.max_m, fallback.min_capability, fallback.what))
+    if next_m <= fallback.max_m:
+        tiers.append(Tier(fallback.name, next_m, fallback.max_m, fallback.min_capability, fallback.what))
     return tuple(tiers)
 
 
@@ -106,7 +124,8 @@ def describe_tiers(tiers: tuple[Tier, ...]) -> str:
     for t in tiers:
         upper = "" if t.max_m >= 1 << 40 else f"{t.max_m}"
         span = f"M={t.min_m}" if t.min_m == t.max_m else f"M={t.min_m}..{upper}"
-        parts.append(f"{span}: {t.name}")
+        limits = [f"{dim} >= {v}" for dim, v in (("N", t.min_n), ("K", t.min_k)) if v]
+        parts.append(f"{span}: {t.name}" + (f" ({', '.join(limits)}; else dequant_cublas)" if limits else ""))
     return ", ".join(parts)
 
 

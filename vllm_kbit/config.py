@@ -259,7 +259,7 @@ def _log_kernel_choice(n: int, k: int, bits: int, device: torch.device) -> None:
         return
     _LOGGED_SHAPES.add(key)
     if device.type == "cuda":
-        plan = capabilities.describe_tiers(ops.tiers_for_device(device.index or 0))
+        plan = capabilities.describe_tiers(ops.tiers_for_device(device.index or 0, n, k))
     else:
         plan = capabilities.CPU_TIER.what
     logger.info("kbit: %dx%d weight, k=%d on %s -> %s", n, k, bits, device.type, plan)

@@ -1,0 +1,358 @@
+// Hopper tier (sm_90a): out [M, n] = x [M, k] @ W^T for M from 65 tokens up, on the warpgroup MMA (wgmma), whose
+// multiply-adds run asynchronously while the warps decode the next weights. mma.sync (mma_core.cuh) cannot reach the
+// tensor-core rate of cuBLAS from M = 128 on, and dequantize + cuBLAS moves the weight three times.
+//
+// Operands. The weight is the register operand A (wgmma m64nNk16: warp w of a warpgroup supplies rows 16 w .. 16 w +
+// 15, each lane the same fragment as for mma.sync m16n8k16), so the lane map of the kernel layout (kbit_format.cuh)
+// and the table decode of mma_core.cuh feed it unchanged: each warp decodes one row tile (32 rows) per column tile,
+// its two 16-row halves feeding the warpgroup's two MMAs (rows of 4 row tiles, 128 outputs). Tokens are operand B,
+// read by the MMA from shared memory: kTokens tokens x 16 inputs per step. The fragment of lane c holds inputs
+// 8 c .. 8 c + 7 of each 32-input block, so the MMA's input order within a block is a permutation of x's: logical
+// input 8 h + 2 c + u of step s is input 8 c + 4 s + 2 h + u (u = 0, 1), a 4 x 4 transpose of the block's 32-bit
+// words. A first launch writes x in that order (x_mma, a workspace); the main launch copies it with cp.async into the
+// MMA's layout (K-major, 128-byte swizzle: 64 inputs per 128-byte row, the 16-byte chunk index XOR the row mod 8),
+// four column tiles deep.
+//
+// Work split. A block (two warpgroups, 8 warps) computes 8 row tiles (256 outputs) x kTokens tokens over one K-slice
+// of column tiles. Where there are fewer such blocks than multiprocessors, K is split (as long as the blocks still
+// fit in one wave), the fp32 sums of the slices go to the workspace, and a last launch adds them up in slice order
+// (deterministic). A k16 step's A registers are rewritten two steps later, after wgmma.wait_group 1; one barrier per
+// column tile makes the tile's copy visible to both warpgroups and frees the buffer of four tiles back.
+#include <algorithm>
+#include <type_traits>
+
+#include "mma_core.cuh"
+
+namespace kbit {
+namespace {
+
+using namespace mma_core;
+
+constexpr int kTokens = 128;                         // operand B rows (wgmma N) per block
+constexpr int kWarps = 8;                            // two warpgroups, one row tile per warp
+constexpr int kThreads = kWarps * 32;
+constexpr int kRowBytes = 128;                       // one swizzled row: 64 inputs
+constexpr int kAtomBytes = kTokens * kRowBytes;      // inputs 64 a .. 64 a + 63 of all tokens
+constexpr int kOperandBytes = 2 * kAtomBytes;        // one column tile (128 inputs)
+constexpr int kStages = 4;                           // column tiles of x in shared memory
+constexpr int kAlign = 1024;                         // the swizzle repeats every 8 rows
+
+constexpr size_t wgmma_smem(int lut_bytes) { return kAlign + kStages * kOperandBytes + lut_bytes; }
+
+// Tiles in flight per lane (the register ring): as many as fit next to 128 accumulators and 16 A registers.
+template <int BITS>
+constexpr int kWgRing = BITS == 2 ? 4 : 2;
+
+struct WgmmaParams {
+    const uint4* qweight;
+    const uint4* absmax;
+    const float* scale;
+    const float* codebook;
+    const void* x_mma;  // x [m, k] in the MMA's input order
+    void* out;          // [m, n] of T, where slices == 1
+    float* partial;     // [slices, m, n] fp32, where slices > 1
+    int m, n, k, groups, rowtiles;
+    int token_tiles;   // ceil(m / kTokens)
+    int slices;        // K-slices
+    int slice_tiles;   // column tiles per K-slice
+};
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// Shared-memory writes of the threads (generic proxy) become visible to the MMAs (async proxy).
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+// Shared-memory matrix descriptor of operand B: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ uint64_t operand_descriptor(uint32_t address) {
+    return static_cast<uint64_t>((address & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
+           (uint64_t{1} << 62);
+}
+
+#define KBIT_ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+                     "+f"(d[i + 6]), "+f"(d[i + 7])
+#define KBIT_WGMMA_M64N128K16(TYPE)                                                                                   \
+    asm volatile(                                                                                                     \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                                                    \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                                             \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+        "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "   \
+        "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "       \
+        "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                                                 \
+        : KBIT_ACC8(0), KBIT_ACC8(8), KBIT_ACC8(16), KBIT_ACC8(24), KBIT_ACC8(32), KBIT_ACC8(40), KBIT_ACC8(48),      \
+          KBIT_ACC8(56)                                                                                               \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
+
+// d (64 accumulators: row 16 w + G + 8 (i / 2 % 2), token 8 (i / 4) + 2 c + i % 2) += A (registers) . B (desc)
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (std::is_same_v<T, __half>) {
+        KBIT_WGMMA_M64N128K16("f16");
+    } else {
+        KBIT_WGMMA_M64N128K16("bf16");
+    }
+#endif
+}
+#undef KBIT_WGMMA_M64N128K16
+#undef KBIT_ACC8
+
+// x_mma = x with the 32-bit words of each 32-input block transposed (4 x 4): word 4 q + c of a block is x's word
+// 4 c + q. One thread per (token, block).
+__global__ void mma_order_kernel(uint4* x_mma, const uint4* x, long long blocks) {
+    allow_next_grid();  // the main launch may start loading weights and building its table
+    const long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+    if (i >= blocks) return;
+    const uint4 v0 = x[4 * i], v1 = x[4 * i + 1], v2 = x[4 * i + 2], v3 = x[4 * i + 3];
+    x_mma[4 * i] = make_uint4(v0.x, v1.x, v2.x, v3.x);
+    x_mma[4 * i + 1] = make_uint4(v0.y, v1.y, v2.y, v3.y);
+    x_mma[4 * i + 2] = make_uint4(v0.z, v1.z, v2.z, v3.z);
+    x_mma[4 * i + 3] = make_uint4(v0.w, v1.w, v2.w, v3.w);
+}
+
+template <int BITS, typename T>
+__global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p) {
+    extern __shared__ uint8_t smem_unaligned[];
+    const uint32_t unaligned = static_cast<uint32_t>(__cvta_generic_to_shared(smem_unaligned));
+    const uint32_t operand = (unaligned + kAlign - 1) & ~uint32_t{kAlign - 1};  // [kStages][2 atoms][kTokens][128 B]
+    uint4* const lut = reinterpret_cast<uint4*>(smem_unaligned + (operand - unaligned) + kStages * kOperandBytes);
+    constexpr int R = kWgRing<BITS>;
+
+    const int lane = threadIdx.x & 31, warp = __shfl_sync(~0u, threadIdx.x >> 5, 0);
+    const int G = lane >> 2;
+    int block = blockIdx.x;
+    const int token_tile = block % p.token_tiles;
+    block /= p.token_tiles;
+    const int slice = block % p.slices, rowtile = block / p.slices * kWarps + warp;
+    const bool has_rows = rowtile < p.rowtiles;
+    const int first_kt = slice * p.slice_tiles, tiles = min(p.groups - first_kt, p.slice_tiles);
+    const int first_token = token_tile * kTokens;
+
+    // Column tile t of the slice into operand buffer t % kStages, zeros past M and K; one commit group per call.
+    const auto stage_x = [&](int t) {
+        if (t < tiles) {
+            const uint32_t buffer = operand + (t % kStages) * kOperandBytes;
+            for (int i = threadIdx.x; i < kTokens * (kTileK / 8); i += kThreads) {
+                const int token = i / (kTileK / 8), piece = i % (kTileK / 8);  // piece: 8 inputs in MMA order
+                const int row = first_token + token, input = (first_kt + t) * kTileK + piece * 8;
+                const bool valid = row < p.m && input < p.k;
+                const void* src =
+                    static_cast<const __half*>(p.x_mma) + (valid ? static_cast<size_t>(row) * p.k + input : 0);
+                cp_async16(buffer + (piece / 8) * kAtomBytes + token * kRowBytes + ((piece % 8) ^ (token % 8)) * 16,
+                           src, valid);
+            }
+        }
+        cp_async_commit();
+    };
+
+    // The warp's weight tiles, R ahead (zeros where the warp has no row tile: absmax 0 decodes to 0).
+    uint32_t w[R][4 * BITS];
+    uint4 codes[R];
+    const uint4* weights = p.qweight + tile_vector_offset(BITS, p.groups, has_rows ? rowtile : 0, first_kt, lane);
+    const uint4* absmax = p.absmax + tile_absmax_offset(p.groups, has_rows ? rowtile : 0, first_kt, G);
+    const auto load = [&](int slot, int t) {
+        if (has_rows && t < tiles) {
+            load_tile<BITS>(weights + t * BITS * 32, w[slot]);
+            codes[slot] = load_streaming(absmax + t * 8);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4 * BITS; ++i) w[slot][i] = 0;
+            codes[slot] = make_uint4(0, 0, 0, 0);
+        }
+    };
+#pragma unroll
+    for (int i = 0; i < R; ++i) load(i, i);
+    wait_for_prior_grid();  // x_mma
+    stage_x(0);
+    stage_x(1);
+    build_lut<BITS, T>(lut, __ldg(p.codebook + (lane & ((1 << BITS) - 1))));
+    // Rows G + 8 j of the warp's row tile, x 16: the MMA sums carry absmax / 16 (e4m4_pair_as_half2_div16).
+    float row_scale[kLaneRows];
+#pragma unroll
+    for (int j = 0; j < kLaneRows; ++j) {
+        row_scale[j] = has_rows ? __ldg(p.scale + rowtile * kTileRows + G + 8 * j) * 16.f : 0.f;
+    }
+    const uint32_t lut_address = static_cast<uint32_t>(__cvta_generic_to_shared(lut));
+    const uint32_t copy_bytes = lane * Lut<BITS>::kEntryBytes;
+    float acc[2][64];
+#pragma unroll
+    for (int rt = 0; rt < 2; ++rt) {
+#pragma unroll
+        for (int i = 0; i < 64; ++i) acc[rt][i] = 0.f;
+    }
+    uint32_t a[2][2][4];  // [k16 step parity][row half rt]: read by the MMAs until two steps later
+    for (int base = 0; base < tiles; base += R) {
+#pragma unroll
+        for (int slot = 0; slot < R; ++slot) {
+            const int t = base + slot;
+            if (t >= tiles) break;  // uniform across the block
+            cp_async_wait<1>();     // this thread's copy of tile t
+            fence_async_shared();
+            // Every copy of tile t (and, at t = 0, the table); both warpgroups are past the last step of tile t - 1,
+            // so tile t - 2's MMAs, the last readers of buffer (t + 2) % kStages, are done (wait_group 1).
+            __syncthreads();
+            stage_x(t + 2);
+            const uint32_t buffer = operand + (t % kStages) * kOperandBytes;
+#pragma unroll
+            for (int b = 0; b < kTileBlocks; ++b) {
+                const uint32_t word = b == 0 ? codes[slot].x : b == 1 ? codes[slot].y : b == 2 ? codes[slot].z
+                                                                                              : codes[slot].w;
+                const uint32_t h01 = e4m4_pair_as_half2_div16(__byte_perm(word, 0, 0x4140));
+                const uint32_t h23 = e4m4_pair_as_half2_div16(__byte_perm(word, 0, 0x4342));
+                const uint32_t scale_of_row[kLaneRows] = {Act<T>::broadcast(h01, false), Act<T>::broadcast(h01, true),
+                                                          Act<T>::broadcast(h23, false), Act<T>::broadcast(h23, true)};
+#pragma unroll
+                for (int s = 0; s < 2; ++s) {
+                    wgmma_wait<1>();  // the MMAs of two steps ago are done with a[s]
+#pragma unroll
+                    for (int rt = 0; rt < 2; ++rt) {
+                        a_fragment<BITS>(w[slot], b, rt, s, lut_address, copy_bytes, a[s][rt]);
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) a[s][rt][r] = Act<T>::mul(a[s][rt][r], scale_of_row[2 * rt + r % 2]);
+                    }
+                    const uint64_t desc =
+                        operand_descriptor(buffer + (b / 2) * kAtomBytes + ((b % 2) * 2 + s) * 32);
+                    wgmma_fence();
+                    wgmma_m64n128k16<T>(acc[0], a[s][0], desc);
+                    wgmma_m64n128k16<T>(acc[1], a[s][1], desc);
+                    wgmma_commit();
+                }
+            }
+            load(slot, t + R);
+        }
+    }
+    wgmma_wait<0>();
+
+    // Row 16 rt + G + 8 h of the warp's row tile (row scale j = 2 rt + h), token 8 (i / 4) + 2 c + i % 2.
+    if (!has_rows) return;
+    const int c = lane & 3;
+#pragma unroll
+    for (int rt = 0; rt < 2; ++rt) {
+#pragma unroll
+        for (int i = 0; i < 64; ++i) {
+            const int token = first_token + 8 * (i / 4) + 2 * c + i % 2;
+            const int row = rowtile * kTileRows + 16 * rt + G + 8 * (i / 2 % 2);
+            if (token >= p.m) continue;
+            const float v = acc[rt][i] * row_scale[2 * rt + i / 2 % 2];
+            if (p.slices == 1) {
+                Act<T>::store(p.out, static_cast<long long>(token) * p.n + row, v);
+            } else {
+                p.partial[(static_cast<long long>(slice) * p.m + token) * p.n + row] = v;
+            }
+        }
+    }
+}
+
+// out [m, n] = the sum over the K-slices of partial [slices, m, n], in slice order.
+template <typename T>
+__global__ void sum_slices_kernel(void* out, const float4* partial, long long quads, int slices) {
+    const long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+    if (i >= quads) return;
+    float4 sum = partial[i];
+    for (int s = 1; s < slices; ++s) {
+        const float4 v = partial[s * quads + i];
+        sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+    }
+    const uint2 packed = make_uint2(Act<T>::pack(sum.x, sum.y), Act<T>::pack(sum.z, sum.w));
+    reinterpret_cast<uint2*>(out)[i] = packed;
+}
+
+struct WgmmaSplit {
+    int slices, slice_tiles, blocks;
+};
+
+// K-slices: the split cost of the MMA tier, rounds (blocks / multiprocessors, rounded up) x (column tiles per slice
+// + 1), over the splits that keep the blocks within one wave (more would only add workspace traffic); on a tie,
+// fewer slices.
+WgmmaSplit wgmma_split(int m, int n, int k) {
+    const int groups = k_groups(k), rowblocks = (n / kTileRows + kWarps - 1) / kWarps;
+    const int token_tiles = (m + kTokens - 1) / kTokens, sms = multiprocessors();
+    WgmmaSplit best{1, groups, rowblocks * token_tiles};
+    double best_cost = static_cast<double>((best.blocks + sms - 1) / sms) * (groups + 1.0);
+    for (int slices = 2; slices <= groups; slices *= 2) {
+        const int slice_tiles = (groups + slices - 1) / slices;
+        const int used = (groups + slice_tiles - 1) / slice_tiles;
+        const int blocks = rowblocks * token_tiles * used;
+        if (blocks > sms) break;
+        const double cost = slice_tiles + 1.0;
+        if (cost < best_cost) best = {used, slice_tiles, blocks}, best_cost = cost;
+    }
+    return best;
+}
+
+// The workspace: x in MMA order, then (with K-slices) the slices' fp32 sums.
+size_t x_mma_bytes(int m, int k) { return (static_cast<size_t>(m) * k * 2 + 255) / 256 * 256; }
+
+template <int BITS, typename T>
+void launch_wgmma(const WgmmaParams& p, int blocks, cudaStream_t stream) {
+    constexpr size_t smem = wgmma_smem(Lut<BITS>::kBytes);
+    static std::array<bool, kMaxDevices> opted_in{};
+    const int dev = current_device();
+    if (dev >= kMaxDevices || !opted_in[dev]) {
+        check_cuda(cudaFuncSetAttribute(wgmma_kernel<BITS, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+                   "cudaFuncSetAttribute(wgmma_kernel)");
+        if (dev < kMaxDevices) opted_in[dev] = true;
+    }
+    launch_kernel<wgmma_kernel<BITS, T>>(true, blocks, kThreads, smem, stream, "wgmma kernel launch", p);
+    if (p.slices > 1) {
+        const long long quads = static_cast<long long>(p.m) * p.n / 4;
+        constexpr int kSumThreads = 256;
+        sum_slices_kernel<T><<<static_cast<unsigned>((quads + kSumThreads - 1) / kSumThreads), kSumThreads, 0,
+                               stream>>>(p.out, reinterpret_cast<const float4*>(p.partial), quads, p.slices);
+        check_cuda(cudaGetLastError(), "wgmma sum launch");
+    }
+}
+
+}  // namespace
+
+long long wgmma_workspace_bytes(int m, int n, int k) {
+    const WgmmaSplit split = wgmma_split(m, n, k);
+    return static_cast<long long>(x_mma_bytes(m, k)) +
+           (split.slices > 1 ? static_cast<long long>(split.slices) * m * n * 4 : 0);
+}
+
+void wgmma(void* out, const void* x, const KernelWeight& w, int m, DType dtype, void* workspace,
+           cudaStream_t stream) {
+    if (m < 1) throw std::invalid_argument("vllm_kbit.wgmma: M must be >= 1");
+    const WgmmaSplit split = wgmma_split(m, w.n, w.k);
+    auto* x_mma = static_cast<uint4*>(workspace);
+    float* partial = split.slices > 1 ? reinterpret_cast<float*>(static_cast<char*>(workspace) + x_mma_bytes(m, w.k))
+                                      : nullptr;
+    const long long x_blocks = static_cast<long long>(m) * w.k / kBlockSize;
+    constexpr int kOrderThreads = 256;
+    mma_order_kernel<<<static_cast<unsigned>((x_blocks + kOrderThreads - 1) / kOrderThreads), kOrderThreads, 0,
+                       stream>>>(x_mma, static_cast<const uint4*>(x), x_blocks);
+    check_cuda(cudaGetLastError(), "wgmma input order launch");
+    const WgmmaParams p{static_cast<const uint4*>(w.qweight), static_cast<const uint4*>(w.absmax), w.scale,
+                        w.codebook, x_mma, out, partial, m, w.n, w.k, k_groups(w.k), w.n / kTileRows,
+                        (m + kTokens - 1) / kTokens, split.slices, split.slice_tiles};
+    const auto by_bits = [&](auto act) {
+        using T = decltype(act);
+        switch (w.bits) {
+            case 2: launch_wgmma<2, T>(p, split.blocks, stream); break;
+            case 3: launch_wgmma<3, T>(p, split.blocks, stream); break;
+            case 4: launch_wgmma<4, T>(p, split.blocks, stream); break;
+            case 5: launch_wgmma<5, T>(p, split.blocks, stream); break;
+            default: throw std::invalid_argument("vllm_kbit.wgmma: bits must be 2, 3, 4 or 5");
+        }
+    };
+    if (dtype == DType::kFloat16) {
+        by_bits(__half{});
+    } else {
+        by_bits(__nv_bfloat16{});
+    }
+}
+
+}  // namespace kbit
