@@ -435,16 +435,17 @@ def main() -> None:
             print(f"!!! baseline {impl} SKIPPED: {reason}", flush=True)
         else:
             baselines[impl] = handle
-    print(f"{gpu}: L2 {settings.l2_bytes / 2**20:.0f} MiB; kbit tiers "
-          f"{capabilities.describe_tiers(kops.tiers_for_device(device.index))}\n"
+    print(f"{gpu}: L2 {settings.l2_bytes / 2**20:.0f} MiB; kbit tiers for any weight "
+          f"{capabilities.describe_tiers(kops.tiers_for_device(device.index))} (per layer below)\n"
           f"{len(args.shapes)} layers, M {settings.ms}, k {settings.bits}, {settings.dtypes}, "
           f"impls fp16 kbit {' '.join(baselines)}; records -> {json_path}", flush=True)
 
     started = time.perf_counter()
     with torch.no_grad():
         for i, shape in enumerate(args.shapes):
+            plan = capabilities.describe_tiers(kops.tiers_for_device(device.index, shape.n, shape.k))
             print(f"[{time.perf_counter() - started:6.1f} s] {shape.label} (K={shape.k}, N={shape.n}), "
-                  f"layer {i + 1}/{len(args.shapes)}", flush=True)
+                  f"layer {i + 1}/{len(args.shapes)}; kbit tiers {plan}", flush=True)
             try:
                 bench_shape(shape, settings, baselines, writer)
             except WrongResult as e:

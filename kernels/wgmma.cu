@@ -141,17 +141,27 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
     const int first_token = token_tile * kTokens;
 
     // Column tile t of the slice into operand buffer t % kStages, zeros past M and K; one commit group per call.
+    // Thread i copies piece i % 16 (8 inputs in MMA order) of tokens i / 16 + 16 j, so its swizzled offsets and
+    // row checks are fixed for the block.
+    static_assert(kThreads * 8 == kTokens * (kTileK / 8), "8 pieces per thread");
+    const int piece = threadIdx.x % 16, token = threadIdx.x / 16;
+    const uint32_t piece_dst =
+        operand + (piece / 8) * kAtomBytes + token * kRowBytes + ((piece % 8) ^ (token % 8)) * 16;
+    const __half* piece_src = static_cast<const __half*>(p.x_mma) + static_cast<size_t>(first_token + token) * p.k +
+                              first_kt * kTileK + piece * 8;
+    uint32_t rows_inside = 0;  // bit j: token + 16 j < M
+#pragma unroll
+    for (int j = 0; j < 8; ++j) rows_inside |= (first_token + token + 16 * j < p.m ? 1u : 0u) << j;
     const auto stage_x = [&](int t) {
         if (t < tiles) {
-            const uint32_t buffer = operand + (t % kStages) * kOperandBytes;
-            for (int i = threadIdx.x; i < kTokens * (kTileK / 8); i += kThreads) {
-                const int token = i / (kTileK / 8), piece = i % (kTileK / 8);  // piece: 8 inputs in MMA order
-                const int row = first_token + token, input = (first_kt + t) * kTileK + piece * 8;
-                const bool valid = row < p.m && input < p.k;
-                const void* src =
-                    static_cast<const __half*>(p.x_mma) + (valid ? static_cast<size_t>(row) * p.k + input : 0);
-                cp_async16(buffer + (piece / 8) * kAtomBytes + token * kRowBytes + ((piece % 8) ^ (token % 8)) * 16,
-                           src, valid);
+            const uint32_t rows = (first_kt + t) * kTileK + piece * 8 < p.k ? rows_inside : 0u;
+            const uint32_t buffer = (t % kStages) * kOperandBytes;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const bool valid = (rows >> j) & 1;
+                const __half* src = valid ? piece_src + static_cast<size_t>(16 * j) * p.k + t * kTileK
+                                          : static_cast<const __half*>(p.x_mma);
+                cp_async16(piece_dst + buffer + j * 16 * kRowBytes, src, valid);
             }
         }
         cp_async_commit();
@@ -215,12 +225,16 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
                                                           Act<T>::broadcast(h23, false), Act<T>::broadcast(h23, true)};
 #pragma unroll
                 for (int s = 0; s < 2; ++s) {
+                    // The lookups (volatile, so they keep their place) go before the wait, so that their latency
+                    // overlaps it; only the products write a[s].
+                    uint32_t values[2][4];
+#pragma unroll
+                    for (int rt = 0; rt < 2; ++rt) a_fragment<BITS>(w[slot], b, rt, s, lut_address, copy_bytes, values[rt]);
                     wgmma_wait<1>();  // the MMAs of two steps ago are done with a[s]
 #pragma unroll
                     for (int rt = 0; rt < 2; ++rt) {
-                        a_fragment<BITS>(w[slot], b, rt, s, lut_address, copy_bytes, a[s][rt]);
 #pragma unroll
-                        for (int r = 0; r < 4; ++r) a[s][rt][r] = Act<T>::mul(a[s][rt][r], scale_of_row[2 * rt + r % 2]);
+                        for (int r = 0; r < 4; ++r) a[s][rt][r] = Act<T>::mul(values[rt][r], scale_of_row[2 * rt + r % 2]);
                     }
                     const uint64_t desc =
                         operand_descriptor(buffer + (b / 2) * kAtomBytes + ((b % 2) * 2 + s) * 32);

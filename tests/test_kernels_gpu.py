@@ -103,7 +103,7 @@ def run_wgmma(x, n, k, bits):
 
 # Every shape above (with and without K-slices), a Llama-3-8B down (K-slices of 14 column tiles); M: one token, one
 # token tile full and partly filled, several token tiles.
-@pytest.mark.parametrize("m", [1, 65, 128, 129, 300])
+@pytest.mark.parametrize("m", [1, 40, 128, 129, 300])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", kf.SUPPORTED_BITS)
 @pytest.mark.parametrize("n,k", SHAPES + [(4096, 14336)])
@@ -236,8 +236,9 @@ def test_quantize_on_gpu_equals_cpu(bits):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 4, 5, 16, 17, 64, 65, 128, 256, 257, 300])
-@pytest.mark.parametrize("n,k", [(512, 2048), (4096, 4096)])  # without and (on Hopper) with the wgmma tier
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 16, 17, 33, 64, 65, 128, 256, 257, 300])
+# no wgmma; on Hopper wgmma from M = 65; wgmma from M = 33 (capabilities.GPU_TIERS)
+@pytest.mark.parametrize("n,k", [(512, 2048), (4096, 4096), (12288, 4096)])
 def test_op_every_tier(n, k, m, dtype):
     # torch.ops.kbit.gemm picks the tier by M and shape inside the op: every tier must give the reference result.
     from vllm_kbit import ops

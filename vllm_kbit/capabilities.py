@@ -6,7 +6,7 @@ architecture; the choice happens inside the ``torch.ops.kbit.gemm`` op (never in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -31,27 +31,29 @@ class Tier:
     min_capability: int
     what: str
     max_capability: int = 1 << 30
-    # Smallest weight [N, K] the tier takes (per rank); smaller ones run the fallback over its M range.
-    min_n: int = 0
-    min_k: int = 0
+    min_weight: int = 0  # smallest weight N x K (elements, per rank) it takes
 
     def runs_on(self, capability: int) -> bool:
         return self.min_capability <= capability <= self.max_capability
 
     def takes(self, n: int, k: int) -> bool:
-        return n >= self.min_n and k >= self.min_k
+        return n * k >= self.min_weight
 
 
+# In priority order: for each M, the first tier that covers it and is usable (compiled, on this GPU, for this
+# weight) runs; dequant_cublas, last, covers every M. Measured on an H100 (benchmarks/kernel_experiments.md).
 GPU_TIERS = (
+    # Hopper only (wgmma is an sm_90a instruction, gone on Blackwell). Its cost is that of 128 tokens whatever M.
+    # At M = 33..64 (where mma runs 8 token tiles) it wins on large weights only (Llama-3-8B gate_up 1.20x fp16
+    # against mma's 0.97x, down 1.15x against 1.03x; qkv, 25M elements, even). At M = 65..256 it beats dequantize
+    # + cuBLAS from 4096 x 4096 on (M = 128: 1.0-1.2x fp16 where that reaches 0.5-0.6x); smaller weights split K
+    # into slices too short for its fixed cost, and from M = 512 dequantize + cuBLAS is faster.
+    Tier("wgmma", 33, 64, 90, "fused dequant + Hopper warpgroup MMA", max_capability=90, min_weight=48 << 20),
+    Tier("wgmma", 65, 256, 90, "fused dequant + Hopper warpgroup MMA", max_capability=90, min_weight=16 << 20),
     # The MMA kernel reads the weight once per launch of 64 tokens (16 for k = 2 and 4 on sm_86 / sm_89: less shared
     # memory); on an H100 two launches (M = 128) already lose to writing the dense weight once for cuBLAS.
     Tier("mma", 1, 64, 80, "fused dequant + tensor-core MMA"),
-    # Hopper only (wgmma is an sm_90a instruction, gone on Blackwell). On an H100 (benchmarks/kernel_experiments.md)
-    # it beats both neighbours at M = 128 and 256 on weights with N, K >= 4096 (at M = 128 1.1x fp16 where they
-    # reach 0.5-0.6x); smaller weights split K into slices too short for its fixed cost, and from M = 512 dequantize
-    # + cuBLAS is faster.
-    Tier("wgmma", 65, 256, 90, "fused dequant + Hopper warpgroup MMA", max_capability=90, min_n=4096, min_k=4096),
-    Tier("dequant_cublas", 65, 1 << 62, 80, "dequantize + cuBLAS"),
+    Tier("dequant_cublas", 1, 1 << 62, 80, "dequantize + cuBLAS"),
 )
 CPU_TIER = Tier("cpu_dequant_matmul", 1, 1 << 62, 0, "dequantize + torch matmul (CPU)")
 
@@ -97,26 +99,24 @@ def describe_moe_plan(top_k: int, experts: int, intermediate: int) -> str:
 
 def available_tiers(capability: int, compiled: frozenset[str], n: int | None = None,
                     k: int | None = None) -> tuple[Tier, ...]:
-    """Tiers usable on a GPU of this capability, given the kernel entry points compiled into _C.
-
-    dequant_cublas is the fallback that covers every M; a faster tier takes over its M range only
-    when its kernel exists (and, given a weight's N and K, takes that shape). Returns tiers sorted by
-    min_m, together covering every M >= 1.
+    """The plan on a GPU of this capability, given the kernel entry points compiled into _C: for each M the first
+    usable tier of GPU_TIERS that covers it. Given a weight's N and K, tiers that do not take it are skipped;
+    without, so are all tiers limited to some weights. Returns tiers with the M ranges they serve, sorted by M,
+    together covering every M >= 1 once.
     """
-    fallback = next(t for t in GPU_TIERS if t.name == "dequant_cublas")
-    usable = [t for t in GPU_TIERS if t is not fallback and t.name in compiled and t.runs_on(capability)
-              and (n is None or k is None or t.takes(n, k))]
-    if not usable:
-        return (Tier(fallback.name, 1, fallback.max_m, fallback.min_capability, fallback.what),)
-    tiers, next_m = [], 1
-    for tier in sorted(usable, key=lambda t: t.min_m):
-        if tier.min_m > next_m:  # gap before this tier: the fallback covers it
-            tiers.append(Tier(fallback.name, next_m, tier.min_m - 1, fallback.min_capability, fallback.what))
-        tiers.append(tier)
-        next_m = tier.max_m + 1
-    if next_m <= fallback.max_m:
-        tiers.append(Tier(fallback.name, next_m, fallback.max_m, fallback.min_capability, fallback.what))
-    return tuple(tiers)
+    usable = [t for t in GPU_TIERS
+              if (t.name == "dequant_cublas" or t.name in compiled) and t.runs_on(capability)
+              and (t.takes(n, k) if n is not None and k is not None else t.min_weight == 0)]
+    last = usable[-1].max_m  # dequant_cublas
+    starts = sorted({1} | {t.min_m for t in usable} | {t.max_m + 1 for t in usable if t.max_m < last})
+    plan: list[Tier] = []
+    for lo, next_lo in zip(starts, starts[1:] + [last + 1]):
+        winner = next(t for t in usable if t.min_m <= lo <= t.max_m)
+        if plan and plan[-1].name == winner.name:
+            plan[-1] = replace(plan[-1], max_m=next_lo - 1)
+        else:
+            plan.append(replace(winner, min_m=lo, max_m=next_lo - 1))
+    return tuple(plan)
 
 
 def describe_tiers(tiers: tuple[Tier, ...]) -> str:
@@ -124,8 +124,7 @@ def describe_tiers(tiers: tuple[Tier, ...]) -> str:
     for t in tiers:
         upper = "" if t.max_m >= 1 << 40 else f"{t.max_m}"
         span = f"M={t.min_m}" if t.min_m == t.max_m else f"M={t.min_m}..{upper}"
-        limits = [f"{dim} >= {v}" for dim, v in (("N", t.min_n), ("K", t.min_k)) if v]
-        parts.append(f"{span}: {t.name}" + (f" ({', '.join(limits)}; else dequant_cublas)" if limits else ""))
+        parts.append(f"{span}: {t.name}")
     return ", ".join(parts)
 
 
