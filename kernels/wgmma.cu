@@ -1,6 +1,7 @@
-// Hopper tier (sm_90a): out [M, n] = x [M, k] @ W^T for M from 65 tokens up, on the warpgroup MMA (wgmma), whose
-// multiply-adds run asynchronously while the warps decode the next weights. mma.sync (mma_core.cuh) cannot reach the
-// tensor-core rate of cuBLAS from M = 128 on, and dequantize + cuBLAS moves the weight three times.
+// Hopper tier (sm_90a): out [M, n] = x [M, k] @ W^T on the warpgroup MMA (wgmma), whose multiply-adds run
+// asynchronously while the warps decode the next weights; for M = 33..256 where the weight is large enough
+// (vllm_kbit/capabilities.py). mma.sync (mma_core.cuh) cannot reach the tensor-core rate of cuBLAS from M = 128 on,
+// and dequantize + cuBLAS moves the weight three times.
 //
 // Operands. The weight is the register operand A (wgmma m64nNk16: warp w of a warpgroup supplies rows 16 w .. 16 w +
 // 15, each lane the same fragment as for mma.sync m16n8k16), so the lane map of the kernel layout (kbit_format.cuh)
@@ -17,7 +18,8 @@
 // of column tiles. Where there are fewer such blocks than multiprocessors, K is split (as long as the blocks still
 // fit in one wave), the fp32 sums of the slices go to the workspace, and a last launch adds them up in slice order
 // (deterministic). A k16 step's A registers are rewritten two steps later, after wgmma.wait_group 1; one barrier per
-// column tile makes the tile's copy visible to both warpgroups and frees the buffer of four tiles back.
+// column tile makes the tile's copy visible to both warpgroups and frees the buffer two tiles back for the copy of
+// two tiles ahead.
 #include <algorithm>
 #include <type_traits>
 
