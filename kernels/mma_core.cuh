@@ -636,27 +636,15 @@ void launch(const MmaParams& p, const Problem& prob, int grid, bool early_start,
                                                     "mma kernel launch", p, prob);
 }
 
-// Instantiates the kernel for the runtime bits, token tiles (token_tiles(p.m), at most MAX_NT) and dtype;
-// early_start: see launch_kernel.
-template <class Problem, int MAX_NT>
-void launch_any(const MmaParams& p, const Problem& prob, int bits, DType dtype, int grid, bool early_start,
-                cudaStream_t stream) {
+// Calls f(std::integral_constant<int, B>{}, T{}) for the runtime bits B and activation dtype T.
+template <class F>
+void with_bits_and_dtype(int bits, DType dtype, F&& f) {
     const auto by_bits = [&](auto act) {
-        using T = decltype(act);
-        const auto by_tiles = [&](auto bits_constant) {
-            constexpr int B = decltype(bits_constant)::value;
-            switch (token_tiles(p.m)) {
-                case 1: launch<Problem, B, 1, T>(p, prob, grid, early_start, stream); break;
-                case 2: if constexpr (MAX_NT >= 2) launch<Problem, B, 2, T>(p, prob, grid, early_start, stream); break;
-                case 4: if constexpr (MAX_NT >= 4) launch<Problem, B, 4, T>(p, prob, grid, early_start, stream); break;
-                default: if constexpr (MAX_NT >= 8) launch<Problem, B, 8, T>(p, prob, grid, early_start, stream); break;
-            }
-        };
         switch (bits) {
-            case 2: by_tiles(std::integral_constant<int, 2>{}); break;
-            case 3: by_tiles(std::integral_constant<int, 3>{}); break;
-            case 4: by_tiles(std::integral_constant<int, 4>{}); break;
-            case 5: by_tiles(std::integral_constant<int, 5>{}); break;
+            case 2: f(std::integral_constant<int, 2>{}, act); break;
+            case 3: f(std::integral_constant<int, 3>{}, act); break;
+            case 4: f(std::integral_constant<int, 4>{}, act); break;
+            case 5: f(std::integral_constant<int, 5>{}, act); break;
             default: throw std::invalid_argument("vllm_kbit: bits must be 2, 3, 4 or 5");
         }
     };
@@ -665,6 +653,23 @@ void launch_any(const MmaParams& p, const Problem& prob, int bits, DType dtype, 
     } else {
         by_bits(__nv_bfloat16{});
     }
+}
+
+// Instantiates the kernel for the runtime bits, token tiles (token_tiles(p.m), at most MAX_NT) and dtype;
+// early_start: see launch_kernel.
+template <class Problem, int MAX_NT>
+void launch_any(const MmaParams& p, const Problem& prob, int bits, DType dtype, int grid, bool early_start,
+                cudaStream_t stream) {
+    with_bits_and_dtype(bits, dtype, [&](auto bits_constant, auto act) {
+        using T = decltype(act);
+        constexpr int B = decltype(bits_constant)::value;
+        switch (token_tiles(p.m)) {
+            case 1: launch<Problem, B, 1, T>(p, prob, grid, early_start, stream); break;
+            case 2: if constexpr (MAX_NT >= 2) launch<Problem, B, 2, T>(p, prob, grid, early_start, stream); break;
+            case 4: if constexpr (MAX_NT >= 4) launch<Problem, B, 4, T>(p, prob, grid, early_start, stream); break;
+            default: if constexpr (MAX_NT >= 8) launch<Problem, B, 8, T>(p, prob, grid, early_start, stream); break;
+        }
+    });
 }
 
 }  // namespace mma_core

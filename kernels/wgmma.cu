@@ -354,21 +354,9 @@ void wgmma(void* out, const void* x, const KernelWeight& w, int m, DType dtype, 
     const WgmmaParams p{static_cast<const uint4*>(w.qweight), static_cast<const uint4*>(w.absmax), w.scale,
                         w.codebook, x_mma, out, partial, m, w.n, w.k, k_groups(w.k), w.n / kTileRows,
                         (m + kTokens - 1) / kTokens, split.slices, split.slice_tiles};
-    const auto by_bits = [&](auto act) {
-        using T = decltype(act);
-        switch (w.bits) {
-            case 2: launch_wgmma<2, T>(p, split.blocks, stream); break;
-            case 3: launch_wgmma<3, T>(p, split.blocks, stream); break;
-            case 4: launch_wgmma<4, T>(p, split.blocks, stream); break;
-            case 5: launch_wgmma<5, T>(p, split.blocks, stream); break;
-            default: throw std::invalid_argument("vllm_kbit.wgmma: bits must be 2, 3, 4 or 5");
-        }
-    };
-    if (dtype == DType::kFloat16) {
-        by_bits(__half{});
-    } else {
-        by_bits(__nv_bfloat16{});
-    }
+    with_bits_and_dtype(w.bits, dtype, [&](auto bits_constant, auto act) {
+        launch_wgmma<decltype(bits_constant)::value, decltype(act)>(p, split.blocks, stream);
+    });
 }
 
 }  // namespace kbit
