@@ -265,6 +265,24 @@ __device__ __forceinline__ void a_fragment(const uint32_t (&w)[4 * BITS], int b,
     }
 }
 
+// absmax / 16 of rows j = 0..3 of block b of a tile (byte j of the block's code word in the lane's `codes`) as fp16
+// pairs: rows 0, 1 (h01) and rows 2, 3 (h23).
+__device__ __forceinline__ void block_absmax_pairs(uint4 codes, int b, uint32_t& h01, uint32_t& h23) {
+    const uint32_t word = b == 0 ? codes.x : b == 1 ? codes.y : b == 2 ? codes.z : codes.w;
+    h01 = e4m4_pair_as_half2_div16(__byte_perm(word, 0, 0x4140));
+    h23 = e4m4_pair_as_half2_div16(__byte_perm(word, 0, 0x4342));
+}
+
+// Those absmax as (v, v) pairs of T, one per row j: the multipliers of A fragments (row[2 rt + r % 2] for register r
+// of row half rt).
+template <typename T>
+struct RowMultipliers {
+    uint32_t row[kLaneRows];
+    __device__ __forceinline__ RowMultipliers(uint32_t h01, uint32_t h23)
+        : row{Act<T>::broadcast(h01, false), Act<T>::broadcast(h01, true), Act<T>::broadcast(h23, false),
+              Act<T>::broadcast(h23, true)} {}
+};
+
 // acc += this lane's share of tile (rowtile, column tile kt) . x: acc[rt][nt][i] is row 16 rt + 8 (i / 2) + G,
 // token 8 nt + 2 c + i % 2 (the mma accumulator layout), in units of the row scale / 16.
 // x_lane[nt]: this lane's 16-byte activations of token G + 8 nt, column tile 0 (null where there is no token, or
@@ -290,14 +308,11 @@ __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32
                          ? __ldg(x_lane[nt] + kt * (kTileK / 8) + b * (kBlockSize / 8))
                          : make_uint4(0, 0, 0, 0);
         }
-        // absmax / 16 of rows j = 0..3 (byte j of the block's code word) as fp16 pairs: rows 0, 1 and rows 2, 3
-        const uint32_t word = b == 0 ? codes.x : b == 1 ? codes.y : b == 2 ? codes.z : codes.w;
-        const uint32_t h01 = e4m4_pair_as_half2_div16(__byte_perm(word, 0, 0x4140));
-        const uint32_t h23 = e4m4_pair_as_half2_div16(__byte_perm(word, 0, 0x4342));
+        uint32_t h01, h23;
+        block_absmax_pairs(codes, b, h01, h23);
 
         if constexpr (kScaleWeights) {
-            const uint32_t absmax[kLaneRows] = {Act<T>::broadcast(h01, false), Act<T>::broadcast(h01, true),
-                                                Act<T>::broadcast(h23, false), Act<T>::broadcast(h23, true)};
+            const RowMultipliers<T> absmax(h01, h23);
 #pragma unroll
             for (int rt = 0; rt < 2; ++rt) {
 #pragma unroll
@@ -305,7 +320,7 @@ __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32
                     uint32_t a[4];
                     a_fragment<BITS>(w, b, rt, s, lut, copy_bytes, a);
 #pragma unroll
-                    for (int r = 0; r < 4; ++r) a[r] = Act<T>::mul(a[r], absmax[2 * rt + r % 2]);
+                    for (int r = 0; r < 4; ++r) a[r] = Act<T>::mul(a[r], absmax.row[2 * rt + r % 2]);
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt) {
                         Act<T>::mma(acc[rt][nt], a, s == 0 ? xf[nt].x : xf[nt].z, s == 0 ? xf[nt].y : xf[nt].w,

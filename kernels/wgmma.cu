@@ -21,6 +21,7 @@
 // column tile makes the tile's copy visible to both warpgroups and frees the buffer two tiles back for the copy of
 // two tiles ahead.
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 
 #include "mma_core.cuh"
@@ -41,9 +42,10 @@ constexpr int kAlign = 1024;                         // the swizzle repeats ever
 
 constexpr size_t wgmma_smem(int lut_bytes) { return kAlign + kStages * kOperandBytes + lut_bytes; }
 
-// Tiles in flight per lane (the register ring): as many as fit next to 128 accumulators and 16 A registers.
+// Tiles in flight per lane (the register ring): as many as fit next to 128 accumulators and 16 A registers without
+// spills in the main loop (the epilogue's row addresses spill 56-72 bytes).
 template <int BITS>
-constexpr int kWgRing = BITS == 2 ? 4 : 2;
+constexpr int kWgmmaRingDepth = BITS == 2 ? 4 : 2;
 
 struct WgmmaParams {
     const uint4* qweight;
@@ -114,7 +116,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t 
 // x_mma = x with the 32-bit words of each 32-input block transposed (4 x 4): word 4 q + c of a block is x's word
 // 4 c + q. One thread per (token, block).
 __global__ void mma_order_kernel(uint4* x_mma, const uint4* x, long long blocks) {
-    allow_next_grid();  // the main launch may start loading weights and building its table
+    allow_next_grid();  // the main launch may start loading its first weight tiles
     const long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
     if (i >= blocks) return;
     const uint4 v0 = x[4 * i], v1 = x[4 * i + 1], v2 = x[4 * i + 2], v3 = x[4 * i + 3];
@@ -130,7 +132,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
     const uint32_t unaligned = static_cast<uint32_t>(__cvta_generic_to_shared(smem_unaligned));
     const uint32_t operand = (unaligned + kAlign - 1) & ~uint32_t{kAlign - 1};  // [kStages][2 atoms][kTokens][128 B]
     uint4* const lut = reinterpret_cast<uint4*>(smem_unaligned + (operand - unaligned) + kStages * kOperandBytes);
-    constexpr int R = kWgRing<BITS>;
+    constexpr int R = kWgmmaRingDepth<BITS>;
 
     const int lane = threadIdx.x & 31, warp = __shfl_sync(~0u, threadIdx.x >> 5, 0);
     const int G = lane >> 2;
@@ -219,12 +221,9 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
             const uint32_t buffer = operand + (t % kStages) * kOperandBytes;
 #pragma unroll
             for (int b = 0; b < kTileBlocks; ++b) {
-                const uint32_t word = b == 0 ? codes[slot].x : b == 1 ? codes[slot].y : b == 2 ? codes[slot].z
-                                                                                              : codes[slot].w;
-                const uint32_t h01 = e4m4_pair_as_half2_div16(__byte_perm(word, 0, 0x4140));
-                const uint32_t h23 = e4m4_pair_as_half2_div16(__byte_perm(word, 0, 0x4342));
-                const uint32_t scale_of_row[kLaneRows] = {Act<T>::broadcast(h01, false), Act<T>::broadcast(h01, true),
-                                                          Act<T>::broadcast(h23, false), Act<T>::broadcast(h23, true)};
+                uint32_t h01, h23;
+                block_absmax_pairs(codes[slot], b, h01, h23);
+                const RowMultipliers<T> absmax(h01, h23);
 #pragma unroll
                 for (int s = 0; s < 2; ++s) {
                     // The lookups (volatile, so they keep their place) go before the wait, so that their latency
@@ -236,7 +235,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
 #pragma unroll
                     for (int rt = 0; rt < 2; ++rt) {
 #pragma unroll
-                        for (int r = 0; r < 4; ++r) a[s][rt][r] = Act<T>::mul(values[rt][r], scale_of_row[2 * rt + r % 2]);
+                        for (int r = 0; r < 4; ++r) a[s][rt][r] = Act<T>::mul(values[rt][r], absmax.row[2 * rt + r % 2]);
                     }
                     const uint64_t desc =
                         operand_descriptor(buffer + (b / 2) * kAtomBytes + ((b % 2) * 2 + s) * 32);
@@ -341,7 +340,9 @@ long long wgmma_workspace_bytes(int m, int n, int k) {
 
 void wgmma(void* out, const void* x, const KernelWeight& w, int m, DType dtype, void* workspace,
            cudaStream_t stream) {
-    if (m < 1) throw std::invalid_argument("vllm_kbit.wgmma: M must be >= 1");
+    if (m < 1 || m > std::numeric_limits<int>::max() - kTokens) {
+        throw std::invalid_argument("vllm_kbit.wgmma: M must be in 1..2^31 - 129");
+    }
     const WgmmaSplit split = wgmma_split(m, w.n, w.k);
     auto* x_mma = static_cast<uint4*>(workspace);
     float* partial = split.slices > 1 ? reinterpret_cast<float*>(static_cast<char*>(workspace) + x_mma_bytes(m, w.k))
