@@ -196,8 +196,8 @@ PYBIND11_MODULE(_C, mod) {
             py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K"));
     mod.def("wgmma", &wgmma,
             "out [M, N] = x [M, K] @ W^T on the Hopper warpgroup MMA (sm_90 only; dequantization fused, the weight "
-            "read once per 128 rows of x); x and out as for mma, out 8-byte aligned; workspace: wgmma_workspace(out, M, N, "
-            "K) bytes.",
+            "read once per 128 rows of x); x and out as for mma, out 8-byte aligned; workspace: "
+            "wgmma_workspace(out, M, N, K) bytes.",
             py::arg("out"), py::arg("x"), py::arg("qweight"), py::arg("absmax"), py::arg("scale"),
             py::arg("codebook"), py::arg("workspace"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bits"),
             py::arg("dtype"), py::arg("stream"));

@@ -634,18 +634,21 @@ void launch_kernel(bool early_start, int grid, int block, size_t smem, cudaStrea
     check_cuda(cudaLaunchKernelEx(&config, KERNEL, std::forward<Args>(args)...), what);
 }
 
-template <class Problem, int BITS, int NT, typename T>
-void launch(const MmaParams& p, const Problem& prob, int grid, bool early_start, cudaStream_t stream) {
-    // The table and the partial sums take more than 48 KB: a kernel must opt in, once per device, to the most it
-    // will use (8 NT tokens).
+// Lets KERNEL use `bytes` of dynamic shared memory (more than 48 KB needs an opt-in), once per device.
+template <auto KERNEL>
+void allow_dynamic_smem(size_t bytes, const char* what) {
     static std::array<bool, kMaxDevices> opted_in{};
     const int dev = current_device();
-    if (dev >= kMaxDevices || !opted_in[dev]) {
-        check_cuda(cudaFuncSetAttribute(mma_kernel<Problem, BITS, NT, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        launch_smem(BITS, 8 * NT, sizeof(typename Problem::Shared))),
-                   "cudaFuncSetAttribute(mma_kernel)");
-        if (dev < kMaxDevices) opted_in[dev] = true;
-    }
+    if (dev < kMaxDevices && opted_in[dev]) return;
+    check_cuda(cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), what);
+    if (dev < kMaxDevices) opted_in[dev] = true;
+}
+
+template <class Problem, int BITS, int NT, typename T>
+void launch(const MmaParams& p, const Problem& prob, int grid, bool early_start, cudaStream_t stream) {
+    // The table and the partial sums take more than 48 KB: the most this kernel will use (8 NT tokens).
+    allow_dynamic_smem<mma_kernel<Problem, BITS, NT, T>>(launch_smem(BITS, 8 * NT, sizeof(typename Problem::Shared)),
+                                                         "cudaFuncSetAttribute(mma_kernel)");
     launch_kernel<mma_kernel<Problem, BITS, NT, T>>(early_start, grid, block_warps(NT) * 32,
                                                     launch_smem(BITS, p.m, sizeof(typename Problem::Shared)), stream,
                                                     "mma kernel launch", p, prob);

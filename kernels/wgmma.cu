@@ -230,12 +230,16 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
                     // overlaps it; only the products write a[s].
                     uint32_t values[2][4];
 #pragma unroll
-                    for (int rt = 0; rt < 2; ++rt) a_fragment<BITS>(w[slot], b, rt, s, lut_address, copy_bytes, values[rt]);
+                    for (int rt = 0; rt < 2; ++rt) {
+                        a_fragment<BITS>(w[slot], b, rt, s, lut_address, copy_bytes, values[rt]);
+                    }
                     wgmma_wait<1>();  // the MMAs of two steps ago are done with a[s]
 #pragma unroll
                     for (int rt = 0; rt < 2; ++rt) {
 #pragma unroll
-                        for (int r = 0; r < 4; ++r) a[s][rt][r] = Act<T>::mul(values[rt][r], absmax.row[2 * rt + r % 2]);
+                        for (int r = 0; r < 4; ++r) {
+                            a[s][rt][r] = Act<T>::mul(values[rt][r], absmax.row[2 * rt + r % 2]);
+                        }
                     }
                     const uint64_t desc =
                         operand_descriptor(buffer + (b / 2) * kAtomBytes + ((b % 2) * 2 + s) * 32);
@@ -313,13 +317,7 @@ size_t x_mma_bytes(int m, int k) { return (static_cast<size_t>(m) * k * 2 + 255)
 template <int BITS, typename T>
 void launch_wgmma(const WgmmaParams& p, int blocks, cudaStream_t stream) {
     constexpr size_t smem = wgmma_smem(Lut<BITS>::kBytes);
-    static std::array<bool, kMaxDevices> opted_in{};
-    const int dev = current_device();
-    if (dev >= kMaxDevices || !opted_in[dev]) {
-        check_cuda(cudaFuncSetAttribute(wgmma_kernel<BITS, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-                   "cudaFuncSetAttribute(wgmma_kernel)");
-        if (dev < kMaxDevices) opted_in[dev] = true;
-    }
+    allow_dynamic_smem<wgmma_kernel<BITS, T>>(smem, "cudaFuncSetAttribute(wgmma_kernel)");
     launch_kernel<wgmma_kernel<BITS, T>>(true, blocks, kThreads, smem, stream, "wgmma kernel launch", p);
     if (p.slices > 1) {
         const long long quads = static_cast<long long>(p.m) * p.n / 4;

@@ -105,6 +105,10 @@ def _gemm_cpu(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, scal
     return torch.nn.functional.linear(x, _decode_cpu_layout(qweight, absmax, codebook, x.dtype))
 
 
+# Workspace bytes of _C.wgmma per (device, M, N, K).
+_WGMMA_WORKSPACE_BYTES: dict[tuple[int, int, int, int], int] = {}
+
+
 def _gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, scale: torch.Tensor,
                codebook: torch.Tensor, bits: int) -> torch.Tensor:
     m, k = x.shape
@@ -122,7 +126,11 @@ def _gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, sca
                       codebook.data_ptr(), n, k, bits, dtype_code, stream)
         torch.mm(x, weight.t(), out=out)
     elif tier == "wgmma":
-        workspace = torch.empty(_C.wgmma_workspace(out.data_ptr(), m, n, k), dtype=torch.uint8, device=x.device)
+        key = (x.device.index, m, n, k)
+        size = _WGMMA_WORKSPACE_BYTES.get(key)
+        if size is None:  # depends on the device and the product only: asked once, not per call
+            size = _WGMMA_WORKSPACE_BYTES[key] = _C.wgmma_workspace(out.data_ptr(), m, n, k)
+        workspace = torch.empty(size, dtype=torch.uint8, device=x.device)
         _C.wgmma(out.data_ptr(), x.data_ptr(), qweight.data_ptr(), absmax.data_ptr(), scale.data_ptr(),
                  codebook.data_ptr(), workspace.data_ptr(), m, n, k, bits, dtype_code, stream)
     else:
