@@ -2,6 +2,7 @@
 
 import json
 import re
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -50,8 +51,25 @@ def test_quantizes_linear_layers_and_keeps_the_rest(tiny_src, tmp_path):
     assert qc["quant_method"] == "kbit" and qc["bits"] == 4 and qc["block_size"] == 32 and qc["packed"]
     assert qc["codebooks"]["4"] == kfmt.normal_float_codebook(4).tolist()
     assert "lm_head" in qc["modules_to_not_convert"] and "model.embed_tokens" in qc["modules_to_not_convert"]
+    assert qc["lm_head"] is False
     assert config["num_hidden_layers"] == TINY_LLAMA.num_hidden_layers
     assert (dst / "tokenizer_config.json").is_file() and (dst / "generation_config.json").is_file()
+
+
+def test_quantize_lm_head(tiny_src, tmp_path, capsys):
+    dst = tmp_path / "k4-head"
+    assert main([str(tiny_src), str(dst), "--bits", "4", "--quantize-lm-head", "--quiet"]) == 0
+    src, out = load_file(tiny_src / "model.safetensors"), _read_all(dst)
+    head = kfmt.KbitTensor(out["lm_head.qweight"], out["lm_head.qweight_absmax"], out["lm_head.weight_scale"], 4)
+    assert "lm_head.weight" not in out and torch.equal(head.qweight, kfmt.quantize(src["lm_head.weight"], 4).qweight)
+    assert torch.equal(out["model.embed_tokens.weight"], src["model.embed_tokens.weight"])
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert qc["lm_head"] is True and "lm_head" not in qc["modules_to_not_convert"]
+
+    # A model that ties its lm_head to the embeddings has no lm_head weight to quantize.
+    tied = write_random_llama(tmp_path / "tied", replace(TINY_LLAMA, tie_word_embeddings=True))
+    assert "has no lm_head weight" in _error(capsys, [str(tied), str(tmp_path / "t4"), "--quantize-lm-head"])
+    assert not (tmp_path / "t4").exists()
 
 
 def test_bits_map_and_skip(tiny_src, tmp_path):

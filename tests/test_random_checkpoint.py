@@ -23,8 +23,8 @@ from vllm_kbit.random_checkpoint import (
 SHAPE = LlamaShape(256, 512, 1, 4, 2, 512, max_position_embeddings=256, rope_theta=10000.0)
 
 
-def assert_same_layout_as_kbit_quantize(direct, bf16, tmp_path, bits):
-    assert kbit_quantize([str(bf16), str(tmp_path / "quantized"), "--bits", str(bits), "--quiet"]) == 0
+def assert_same_layout_as_kbit_quantize(direct, bf16, tmp_path, bits, *options):
+    assert kbit_quantize([str(bf16), str(tmp_path / "quantized"), "--bits", str(bits), "--quiet", *options]) == 0
     a, b = load_file(direct / "model.safetensors"), load_file(tmp_path / "quantized" / "model.safetensors")
     assert {n: (t.dtype, t.shape) for n, t in a.items()} == {n: (t.dtype, t.shape) for n, t in b.items()}
     ca = json.loads((direct / "config.json").read_text())
@@ -42,6 +42,14 @@ def test_random_kbit_checkpoint_matches_kbit_quantize_layout(tmp_path):
                                         a[f"{module}.weight_scale"], 3))
     rms = w.pow(2).mean().sqrt().item()
     assert torch.isfinite(w).all() and 0.2 / SHAPE.intermediate_size ** 0.5 < rms < 5 / SHAPE.intermediate_size ** 0.5
+
+
+def test_random_kbit_checkpoint_with_lm_head_matches_kbit_quantize_layout(tmp_path):
+    # The writer of the "kbit4-lmhead" benchmark checkpoint.
+    direct = write_random_kbit_llama(tmp_path / "direct", SHAPE, bits=4, quantize_lm_head=True)
+    a = assert_same_layout_as_kbit_quantize(direct, write_random_llama(tmp_path / "bf16", SHAPE), tmp_path, 4,
+                                            "--quantize-lm-head")
+    assert "lm_head.qweight" in a and "lm_head.weight" not in a
 
 
 def test_random_kbit_moe_checkpoint_matches_kbit_quantize_layout(tmp_path):

@@ -7,6 +7,7 @@ exactly the bf16 weights of the "twin" checkpoint, so greedy tokens must be iden
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -80,6 +81,25 @@ def test_tensor_parallel_2(models):
     kbit = run_engine(_spec(models["k4"], tp=2), env=bind)
     twin = run_engine(_spec(models["twin4"], tp=2), env=bind)
     assert _tokens(kbit) == _tokens(twin)
+
+
+def test_quantized_lm_head_matches_dequantized_twin(models, tmp_path):
+    head = tmp_path / "k4-head"
+    assert kbit_quantize([str(models["bf16"]), str(head), "--bits", "4", "--quantize-lm-head", "--quiet"]) == 0
+    twin = write_dequantized_twin(head, tmp_path / "k4-head-twin")
+    kbit = run_engine(_spec(head))
+    assert _tokens(kbit) == _tokens(run_engine(_spec(twin)))
+    # At load time: quantization_config.lm_head through --hf-overrides gives the same model.
+    overrides = {"quantization_config": {"quant_method": "kbit", "bits": 4, "lm_head": True}}
+    assert _tokens(run_engine(_spec(models["bf16"], hf_overrides=overrides))) == _tokens(kbit)
+
+
+def test_lm_head_of_a_tied_model_is_a_clear_error(tmp_path):
+    tied = write_random_llama(tmp_path / "tied", replace(SHAPE, tie_word_embeddings=True), seed=1)
+    overrides = {"quantization_config": {"quant_method": "kbit", "bits": 4, "lm_head": True}}
+    with pytest.raises(EngineFailed) as info:
+        run_engine(_spec(tied, hf_overrides=overrides, max_tokens=1))
+    assert "ties lm_head to its input embeddings" in info.value.stderr
 
 
 def test_skipped_modules_stay_unquantized(models, tmp_path):

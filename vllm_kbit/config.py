@@ -7,6 +7,10 @@ Two ways in:
   ``quantization_config``): layers load the 16-bit weight on the meta device and quantize it as soon as
   it has arrived, one layer at a time (``KbitOnlineLinearMethod``), so peak memory stays near the
   quantized model.
+
+The lm_head (the output projection) is quantized only where ``quantization_config.lm_head`` is true (as
+GPTQ's key): it is the largest single matrix of most models, so at batch 1 it is a good part of the time
+of a decode step, and quantizing it costs more accuracy than any other layer.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from vllm.model_executor.layers.linear import (
     register_weight_loader_v2_supported_method,
 )
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.model_loader.reload.layerwise import initialize_online_processing
 from vllm.model_executor.parameter import (
     ChannelQuantScaleParameter,
@@ -64,6 +69,7 @@ class KbitConfig(QuantizationConfig):
         modules_to_not_convert: list[str] | None = None,
         module_bits: dict[str, int] | None = None,
         bits_map: dict[str, int] | None = None,
+        lm_head: bool = False,
     ) -> None:
         super().__init__()
         self.bits = kfmt.check_bits(bits)
@@ -73,6 +79,7 @@ class KbitConfig(QuantizationConfig):
                 f"{block_size}. Re-quantize the checkpoint with kbit-quantize."
             )
         self.packed = packed
+        self.lm_head = lm_head
         self.modules_to_not_convert = list(modules_to_not_convert or [])
         self.module_bits = {name: kfmt.check_bits(k) for name, k in (module_bits or {}).items()}
         self.bits_map = {pattern: kfmt.check_bits(k) for pattern, k in (bits_map or {}).items()}
@@ -80,7 +87,7 @@ class KbitConfig(QuantizationConfig):
 
     def __repr__(self) -> str:
         mode = "pre-quantized" if self.packed else "load-time"
-        return f"KbitConfig(bits={self.bits}, {mode}, skip={self.modules_to_not_convert})"
+        return f"KbitConfig(bits={self.bits}, {mode}, lm_head={self.lm_head}, skip={self.modules_to_not_convert})"
 
     # --- QuantizationConfig interface ---------------------------------------------------------------
 
@@ -115,6 +122,7 @@ class KbitConfig(QuantizationConfig):
             modules_to_not_convert=config.get("modules_to_not_convert"),
             module_bits=config.get("module_bits"),
             bits_map=config.get("bits_map"),
+            lm_head=bool(config.get("lm_head", False)),
         )
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
@@ -125,6 +133,17 @@ class KbitConfig(QuantizationConfig):
             bits = self.bits_for(prefix, names)
             method = KbitLinearMethod if self.packed else KbitOnlineLinearMethod
             return method(self, bits, prefix)
+        if isinstance(layer, ParallelLMHead):
+            if not self.lm_head:
+                return None  # unquantized
+            if _ties_word_embeddings():
+                raise kfmt.KbitFormatError(
+                    f"quantization_config.lm_head is true, but this model ties {prefix} to its input embeddings "
+                    "(tie_word_embeddings), which kbit leaves 16-bit: there is no separate lm_head to quantize. "
+                    "Set quantization_config.lm_head to false."
+                )
+            method = KbitLinearMethod if self.packed else KbitOnlineLinearMethod
+            return method(self, self.bits_for(prefix, [prefix]), prefix)
         if _is_moe_layer(layer):
             from vllm_kbit.moe import KbitMoEMethod, KbitOnlineMoEMethod, expert_checkpoint_names  # imports us
 
@@ -133,7 +152,7 @@ class KbitConfig(QuantizationConfig):
                 return None  # unquantized experts
             method = KbitMoEMethod if self.packed else KbitOnlineMoEMethod
             return method(self, self.bits_for(prefix, names), layer.moe_config, prefix)
-        return None  # embeddings, lm_head, attention: unquantized
+        return None  # embeddings, attention: unquantized
 
     # --- which modules, how many bits ---------------------------------------------------------------
 
@@ -177,6 +196,13 @@ class KbitConfig(QuantizationConfig):
         if bits not in self.codebooks:
             self.codebooks[bits] = kfmt.normal_float_codebook(bits)
         return self.codebooks[bits]
+
+
+def _ties_word_embeddings() -> bool:
+    from vllm.config import get_current_vllm_config
+
+    model_config = get_current_vllm_config().model_config
+    return model_config is not None and bool(getattr(model_config.hf_text_config, "tie_word_embeddings", False))
 
 
 def _is_moe_layer(layer: torch.nn.Module) -> bool:

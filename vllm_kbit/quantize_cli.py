@@ -25,7 +25,8 @@ from vllm_kbit import format as kfmt
 from vllm_kbit.safetensors_stream import StreamingWriter, dtype_from_tag
 
 # Modules left in 16-bit unless the user says otherwise: they are small, or precision-critical.
-DEFAULT_SKIP = (r".*embed.*", r".*lm_head", r".*norm.*", r"(.*\.)?(gate|router|shared_expert_gate)", r"wte", r"wpe")
+LM_HEAD = r".*lm_head"
+DEFAULT_SKIP = (r".*embed.*", LM_HEAD, r".*norm.*", r"(.*\.)?(gate|router|shared_expert_gate)", r"wte", r"wpe")
 QUANTIZABLE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Parts of one vLLM fused layer: they must share bits (or all stay unquantized).
 FUSED_GROUPS = ((r"q_proj|k_proj|v_proj", "qkv_proj"), (r"gate_proj|up_proj", "gate_up_proj"), (r"w1|w3", "w13"))
@@ -122,6 +123,14 @@ def plan_tensor(name: str, shape: list[int], dtype: torch.dtype, bits: int, bits
     return Plan(name, shape, dtype, bits)
 
 
+def default_skip(quantize_lm_head: bool = False) -> tuple[str, ...]:
+    return tuple(p for p in DEFAULT_SKIP if not (quantize_lm_head and p == LM_HEAD))
+
+
+def quantizes_lm_head(plans: list[Plan]) -> bool:
+    return any(p.bits is not None and module_matches((LM_HEAD,), p.module) for p in plans)
+
+
 def check_fused_groups(plans: list[Plan]) -> None:
     groups: dict[str, dict[str, int | None]] = {}
     for plan in plans:
@@ -193,11 +202,13 @@ def quantization_config(shards: list[Shard], bits: int, codebooks: dict[int, tor
         "codebooks": {str(k): cb.tolist() for k, cb in sorted(codebooks.items())},
         "modules_to_not_convert": sorted(p.module for p in linear if p.bits is None),
         "module_bits": {p.module: p.bits for p in linear if p.bits is not None and p.bits != bits},
+        "lm_head": quantizes_lm_head(plans),
     }
 
 
 def quantize_checkpoint(src: Path, dst: Path, bits: int = 4, bits_map: dict[str, int] | None = None,
-                        skip: tuple[str, ...] = (), use_default_skip: bool = True, quiet: bool = False) -> Path:
+                        skip: tuple[str, ...] = (), use_default_skip: bool = True, quiet: bool = False,
+                        quantize_lm_head: bool = False) -> Path:
     kfmt.check_bits(bits)
     if dst.exists():
         raise QuantizeError(f"{dst} already exists; choose a new output directory or remove it first")
@@ -205,7 +216,7 @@ def quantize_checkpoint(src: Path, dst: Path, bits: int = 4, bits_map: dict[str,
     if config is not None and "quantization_config" in config:
         method = config["quantization_config"].get("quant_method", "?")
         raise QuantizeError(f"{src} is already quantized ({method}); kbit-quantize needs a 16-bit checkpoint")
-    skip = (*(DEFAULT_SKIP if use_default_skip else ()), *skip)
+    skip = (*(default_skip(quantize_lm_head) if use_default_skip else ()), *skip)
     for pattern in skip:
         try:
             re.compile(pattern)
@@ -215,6 +226,11 @@ def quantize_checkpoint(src: Path, dst: Path, bits: int = 4, bits_map: dict[str,
     used_bits = {p.bits for s in shards for p in s.plans if p.bits is not None}
     if not used_bits:
         raise QuantizeError(f"nothing to quantize in {src}: every weight matched a skip pattern")
+    if quantize_lm_head and not quantizes_lm_head([p for s in shards for p in s.plans]):
+        raise QuantizeError(
+            f"--quantize-lm-head: {src} has no lm_head weight to quantize (a model with tie_word_embeddings "
+            "uses its input embeddings as the lm_head, and those stay 16-bit), or --skip matched it"
+        )
     codebooks = {k: kfmt.normal_float_codebook(k) for k in sorted(used_bits | {bits})}
 
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
@@ -256,12 +272,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave modules whose name matches REGEX unquantized; repeatable")
     parser.add_argument("--no-default-skip", action="store_true",
                         help=f"also quantize what is skipped by default: {', '.join(DEFAULT_SKIP)}")
+    parser.add_argument("--quantize-lm-head", action="store_true",
+                        help="quantize the lm_head too (faster decode at small batch, at some cost in accuracy; "
+                             "not for models that tie it to the input embeddings)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         kfmt.check_bits(args.bits)
         dst = quantize_checkpoint(args.src, args.dst, args.bits, parse_bits_map(args.bits_map),
-                                  tuple(args.skip), not args.no_default_skip, args.quiet)
+                                  tuple(args.skip), not args.no_default_skip, args.quiet, args.quantize_lm_head)
     except (QuantizeError, kfmt.KbitFormatError) as e:
         print(f"kbit-quantize: error: {e}", file=sys.stderr)
         return 2

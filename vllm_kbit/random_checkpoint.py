@@ -234,12 +234,12 @@ def _random_kbit_weight(n: int, k: int, bits: int, codebook: torch.Tensor,
 
 
 def _write_random_kbit(out_dir: Path, tensors: list[tuple[str, torch.dtype, list[int]]], config: dict, bits: int,
-                       seed: int, tokenizer_dir: Path | None) -> Path:
+                       seed: int, tokenizer_dir: Path | None, quantize_lm_head: bool = False) -> Path:
     """The kbit checkpoint that kbit-quantize writes for a 16-bit checkpoint of tensor plan ``tensors`` (its
     plan, default skips and quantization_config), with random codes."""
     kfmt.check_bits(bits)
-    plans = [quantize_cli.plan_tensor(name, size, dt, bits, {}, quantize_cli.DEFAULT_SKIP)
-             for name, dt, size in tensors]
+    skip = quantize_cli.default_skip(quantize_lm_head)
+    plans = [quantize_cli.plan_tensor(name, size, dt, bits, {}, skip) for name, dt, size in tensors]
     shard = quantize_cli.Shard(src=Path(), dst_name="model.safetensors", plans=plans)  # src: nothing is read
     codebooks = {bits: kfmt.normal_float_codebook(bits)}
     cpu_gen = torch.Generator().manual_seed(seed)
@@ -262,10 +262,10 @@ def _write_random_kbit(out_dir: Path, tensors: list[tuple[str, torch.dtype, list
 
 def write_random_kbit_llama(out_dir: Path, shape: LlamaShape = TINY_LLAMA, bits: int = 4,
                             dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                            tokenizer_dir: Path | None = None) -> Path:
-    """A kbit checkpoint of a Llama shape with random codes."""
+                            tokenizer_dir: Path | None = None, quantize_lm_head: bool = False) -> Path:
+    """A kbit checkpoint of a Llama shape with random codes (and a kbit lm_head with quantize_lm_head)."""
     return _write_random_kbit(out_dir, llama_tensors(shape, dtype), llama_config(shape, dtype), bits, seed,
-                              tokenizer_dir)
+                              tokenizer_dir, quantize_lm_head)
 
 
 def write_random_kbit_qwen3_moe(out_dir: Path, shape: MoeShape = TINY_QWEN3_MOE, bits: int = 4,
