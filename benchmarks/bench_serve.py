@@ -12,7 +12,8 @@ Checkpoints: random weights written directly in each format (vllm_kbit/random_ch
 tokenizer from --tokenizer-dir (SmolLM2's: its 49152 ids fit Llama-3's vocab). One checkpoint is on disk at
 a time: building one deletes the others, and a later invocation for the same format reuses it (run `latency`
 then `serve` for one format before moving on, or `all`). The GPTQ formats share one checkpoint. Formats run in
-the order listed in FORMATS; --formats with one format keeps an invocation short.
+the order listed in FORMATS; --formats with one format keeps an invocation short. "kbit4-lmhead" and
+"kbit2-lmhead" quantize the lm_head too (kbit-quantize --quantize-lm-head); the plain kbit formats keep it 16-bit.
 
 Every vLLM engine runs with --max-num-seqs 64 (as serving_configs/ do; more if a level asks for more), so
 CUDA graphs are captured up to 128 tokens and all runs of one format share one torch.compile cache entry.
@@ -78,19 +79,22 @@ class Format:
     name: str  # the records' "format"
     kind: str  # "fp16", "kbit" or "gptq": which writer builds the checkpoint
     bits: int | None = None  # kbit k
+    lm_head: bool = False  # kbit: the lm_head quantized too (kbit-quantize --quantize-lm-head)
     disabled_kernels: str | None = None  # VLLM_DISABLED_KERNELS for every vLLM process
     gptq_kernel: str | None = None  # the kernel vLLM must log for AutoGPTQLinearMethod (checked on GPUs)
 
     @property
     def checkpoint(self) -> str:  # formats that differ only in how vLLM runs them share a checkpoint
-        return f"kbit{self.bits}" if self.kind == "kbit" else self.kind
+        return self.name if self.kind == "kbit" else self.kind
 
 
 FORMATS = {f.name: f for f in (
     Format("fp16", "fp16"),
     Format("kbit2", "kbit", bits=2),
+    Format("kbit2-lmhead", "kbit", bits=2, lm_head=True),
     Format("kbit3", "kbit", bits=3),
     Format("kbit4", "kbit", bits=4),
+    Format("kbit4-lmhead", "kbit", bits=4, lm_head=True),
     Format("kbit5", "kbit", bits=5),
     Format("gptq-machete", "gptq", gptq_kernel="MacheteLinearKernel"),  # vLLM's default on Hopper
     Format("gptq-marlin", "gptq", disabled_kernels="MacheteLinearKernel", gptq_kernel="MarlinLinearKernel"),
@@ -154,7 +158,7 @@ def _write_checkpoint(out: Path, fmt_name: str, shape_key: str, dtype_name: str,
     if fmt.kind == "fp16":
         rc.write_random_llama(out, shape, dtype, tokenizer_dir=tokenizer_dir)
     elif fmt.kind == "kbit":
-        rc.write_random_kbit_llama(out, shape, fmt.bits, dtype, tokenizer_dir=tokenizer_dir)
+        rc.write_random_kbit_llama(out, shape, fmt.bits, dtype, tokenizer_dir=tokenizer_dir, quantize_lm_head=fmt.lm_head)
     else:
         rc.write_random_gptq_llama(out, shape, dtype, tokenizer_dir=tokenizer_dir)
 
@@ -418,6 +422,10 @@ MODE_TITLES = {"latency": "Latency: one batch (`vllm bench latency`)",
 TARGETS = (
     ("batch-1 TPOT, kbit k=4 vs fp16", "latency", 1, "kbit4", "tpot_ms", 2.2, False),
     ("batch-1 TPOT, kbit k=2 vs fp16", "latency", 1, "kbit2", "tpot_ms", 3.0, False),
+    ("batch-1 TPOT, kbit k=4 with its lm_head quantized too, vs fp16", "latency", 1, "kbit4-lmhead", "tpot_ms", 2.2,
+     False),
+    ("batch-1 TPOT, kbit k=2 with its lm_head quantized too, vs fp16", "latency", 1, "kbit2-lmhead", "tpot_ms", 3.0,
+     False),
     ("4 users, output tok/s, kbit k=4 vs fp16", "serve", 4, "kbit4", "output_tok_s", 1.8, False),
     ("kbit ahead of fp16 in output tok/s up to 64 users (worst k and level)", "serve", None, "kbit*",
      "output_tok_s", 1.0, True),
