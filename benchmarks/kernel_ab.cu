@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
@@ -126,7 +127,10 @@ void time_dense(const std::string& label, bool interleave, std::mt19937& rng, cu
     check(cublasCreate(&cublas), "cublasCreate");
     check(cublasSetStream(cublas, stream), "cublasSetStream");
     const auto random_half = [&] { return static_cast<uint16_t>(0x3000 + (rng() & 0x7ff) + ((rng() & 1) << 15)); };
+    const char* only_shape = std::getenv("KBIT_AB_SHAPE");  // a shape name to time alone (profiling)
+    const char* only_m = std::getenv("KBIT_AB_M");
     for (const Shape& shape : shapes) {
+        if (only_shape != nullptr && only_shape != std::string(shape.name)) continue;
         std::vector<uint16_t> halves(static_cast<size_t>(shape.n) * shape.k);
         std::generate(halves.begin(), halves.end(), random_half);
         std::vector<__half*> dense(copies_for(halves.size() * 2));
@@ -150,6 +154,7 @@ void time_dense(const std::string& label, bool interleave, std::mt19937& rng, cu
                                    shape.n, shape.k, bits});
             }
             for (int m : token_counts) {
+                if (only_m != nullptr && m != std::atoi(only_m)) continue;
                 const float kbit_us = time_graph([&] {
                     for (const auto& w : weights) {
                         before_call(m);
