@@ -131,7 +131,7 @@ def dequantize_rows(t: kfmt.KbitTensor, codebook: torch.Tensor) -> torch.Tensor:
 
 
 def kbit_case(shape: Shape, bits: int, l2_bytes: int, device: torch.device) -> Case:
-    codebook = kfmt.normal_float_codebook(bits).to(device)
+    codebook = kfmt.normal_float_codebook(bits)  # on the CPU, as the op takes it
     packed = kfmt.quantize(torch.randn(shape.n, shape.k, device=device), bits, codebook)
     first = kops.prepare_weight(packed, device)
     size = sum(t.nbytes for t in first.values())

@@ -96,7 +96,7 @@ class MoeCase:
 
 
 def kbit_case(shape: MoeShape, bits: int, device: torch.device) -> MoeCase:
-    codebook = kfmt.normal_float_codebook(bits).to(device)
+    codebook = kfmt.normal_float_codebook(bits)  # on the CPU, as the op takes it
     packed, prepared = {}, {}
     for stem, (n, k) in {"w13": (2 * shape.intermediate, shape.hidden),
                          "w2": (shape.hidden, shape.intermediate)}.items():

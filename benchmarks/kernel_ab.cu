@@ -8,7 +8,8 @@
 //   kernel_ab LABEL [interleave | moe]
 // interleave: a small kernel (as a norm before a GEMM in a model) runs before every dense call, in both columns.
 // moe: the expert layers of Qwen3-30B-A3B and Qwen3-Next, bf16 activations, no baseline (fp16_us is nan).
-// Prints tab-separated rows: label shape k M kbit_us fp16_us.
+// Prints tab-separated rows: label shape k M kbit_us fp16_us. KBIT_AB_SHAPE (a dense shape's name) and KBIT_AB_M (token
+// counts, e.g. "1,16") time a subset, for profilers and quick A/B runs.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -103,10 +104,10 @@ RandomTiles random_tiles(std::mt19937& rng, long long rowtiles, int k, int bits)
     return tiles;
 }
 
-float* device_codebook(int bits) {
-    std::vector<float> codebook(1 << bits);
-    for (int i = 0; i < (1 << bits); ++i) codebook[i] = -1.f + 2.f * i / ((1 << bits) - 1);
-    return device_copy(codebook);
+kbit::Codebook linear_codebook(int bits) {
+    kbit::Codebook codebook{};
+    for (int i = 0; i < (1 << bits); ++i) codebook.value[i] = -1.f + 2.f * i / ((1 << bits) - 1);
+    return codebook;
 }
 
 void free_weight(const kbit::KernelWeight& w) {
@@ -115,6 +116,13 @@ void free_weight(const kbit::KernelWeight& w) {
 }
 
 constexpr int kBitWidths[] = {4, 2};
+
+// Whether to time M tokens: all, or those that KBIT_AB_M lists (e.g. "1,16").
+bool timed(int m) {
+    const char* only_m = std::getenv("KBIT_AB_M");
+    return only_m == nullptr ||
+           ("," + std::string(only_m) + ",").find("," + std::to_string(m) + ",") != std::string::npos;
+}
 constexpr int kMaxM = 64;
 
 void time_dense(const std::string& label, bool interleave, std::mt19937& rng, cudaStream_t stream) {
@@ -127,8 +135,8 @@ void time_dense(const std::string& label, bool interleave, std::mt19937& rng, cu
     check(cublasCreate(&cublas), "cublasCreate");
     check(cublasSetStream(cublas, stream), "cublasSetStream");
     const auto random_half = [&] { return static_cast<uint16_t>(0x3000 + (rng() & 0x7ff) + ((rng() & 1) << 15)); };
-    const char* only_shape = std::getenv("KBIT_AB_SHAPE");  // a shape name to time alone (profiling)
-    const char* only_m = std::getenv("KBIT_AB_M");
+    const char* only_shape = std::getenv("KBIT_AB_SHAPE");
+
     for (const Shape& shape : shapes) {
         if (only_shape != nullptr && only_shape != std::string(shape.name)) continue;
         std::vector<uint16_t> halves(static_cast<size_t>(shape.n) * shape.k);
@@ -147,14 +155,14 @@ void time_dense(const std::string& label, bool interleave, std::mt19937& rng, cu
             const RandomTiles tiles = random_tiles(rng, shape.n / kbit::kTileRows, shape.k, bits);
             const int copies = copies_for(tiles.qweight.size() + tiles.absmax.size());
             std::vector<kbit::KernelWeight> weights;
-            float* codebook_d = device_codebook(bits);
+            const kbit::Codebook codebook = linear_codebook(bits);
             float* scale_d = device_copy(std::vector<float>(shape.n, 0.01f));
             for (int c = 0; c < copies; ++c) {
-                weights.push_back({device_copy(tiles.qweight), device_copy(tiles.absmax), scale_d, codebook_d,
+                weights.push_back({device_copy(tiles.qweight), device_copy(tiles.absmax), scale_d, codebook,
                                    shape.n, shape.k, bits});
             }
             for (int m : token_counts) {
-                if (only_m != nullptr && m != std::atoi(only_m)) continue;
+                if (!timed(m)) continue;
                 const float kbit_us = time_graph([&] {
                     for (const auto& w : weights) {
                         before_call(m);
@@ -175,7 +183,6 @@ void time_dense(const std::string& label, bool interleave, std::mt19937& rng, cu
                 fflush(stdout);
             }
             for (const auto& w : weights) free_weight(w);
-            check(cudaFree(codebook_d), "cudaFree");
             check(cudaFree(scale_d), "cudaFree");
         }
         for (auto* ptr : dense) check(cudaFree(ptr), "cudaFree");
@@ -207,15 +214,16 @@ void time_moe(const std::string& label, std::mt19937& rng, cudaStream_t stream) 
         check(cudaMalloc(&pair_out, static_cast<size_t>(kMaxM) * top_k * h * 4), "cudaMalloc");
         check(cudaMalloc(&out, static_cast<size_t>(kMaxM) * h * 2), "cudaMalloc");
         for (int bits : kBitWidths) {
-            float* codebook_d = device_codebook(bits);
+            const kbit::Codebook codebook = linear_codebook(bits);
             const auto stacked = [&](int n, int k) {  // e experts' [n, k] weights
                 const RandomTiles tiles = random_tiles(rng, static_cast<long long>(e) * n / kbit::kTileRows, k, bits);
                 return kbit::KernelWeight{device_copy(tiles.qweight), device_copy(tiles.absmax),
                                           device_copy(std::vector<float>(static_cast<size_t>(e) * n, 0.01f)),
-                                          codebook_d, n, k, bits};
+                                          codebook, n, k, bits};
             };
             const kbit::KernelWeight w13 = stacked(2 * inter, h), w2 = stacked(h, inter);
             for (int m : token_counts) {
+                if (!timed(m)) continue;
                 std::vector<kbit::MoeRouting> routings;
                 std::vector<int> order(e);
                 for (int r = 0; r < kRoutings; ++r) {
@@ -248,7 +256,6 @@ void time_moe(const std::string& label, std::mt19937& rng, cudaStream_t stream) 
                 free_weight(*w);
                 check(cudaFree(const_cast<float*>(w->scale)), "cudaFree");
             }
-            check(cudaFree(codebook_d), "cudaFree");
         }
         check(cudaFree(x), "cudaFree");
         check(cudaFree(hidden), "cudaFree");

@@ -1,11 +1,13 @@
 // vllm_kbit._C: the kbit kernels behind a torch-free Python interface. Tensors come in as raw device pointers
 // (Python ints, e.g. tensor.data_ptr()), the CUDA stream as an int (torch.cuda.current_stream().cuda_stream), the
 // activation dtype as a code (0 = fp16, 1 = bf16), so one build serves any torch version. qweight / absmax are in
-// the kernel layout (vllm_kbit.format.to_kernel_layout). Arguments are validated here; invalid ones raise
-// ValueError, CUDA failures RuntimeError. No call synchronizes or allocates, so all can be captured in CUDA graphs.
+// the kernel layout (vllm_kbit.format.to_kernel_layout). The codebook (fp32 [2^bits]) is the one host pointer: its
+// values are read at the call and passed to the kernels by value (kbit_ops.h Codebook). Arguments are validated
+// here; invalid ones raise ValueError, CUDA failures RuntimeError. No call synchronizes or allocates, so all can be captured in CUDA graphs.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <string>
 
@@ -34,6 +36,20 @@ DType check_dtype(const std::string& fn, int dtype) {
     return static_cast<DType>(dtype);
 }
 
+// The 2^bits values at host address `codebook` (a CPU tensor's data_ptr()).
+kbit::Codebook host_codebook(const std::string& fn, uintptr_t codebook, int bits) {
+    check_pointer(fn, "codebook", codebook, 4);
+    cudaPointerAttributes attr{};
+    kbit::check_cuda(cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(codebook)),
+                     "cudaPointerGetAttributes");
+    if (attr.type == cudaMemoryTypeDevice) {
+        fail(fn, "codebook must be in host memory (a CPU tensor): its values are passed to the kernels by value");
+    }
+    kbit::Codebook values{};
+    std::memcpy(values.value, reinterpret_cast<const void*>(codebook), sizeof(float) << bits);
+    return values;
+}
+
 kbit::KernelWeight check_weight(const std::string& fn, uintptr_t qweight, uintptr_t absmax, uintptr_t scale,
                                 uintptr_t codebook, int64_t n, int64_t k, int bits) {
     if (bits < 2 || bits > 5) fail(fn, "bits must be 2, 3, 4 or 5, got " + std::to_string(bits));
@@ -45,10 +61,9 @@ kbit::KernelWeight check_weight(const std::string& fn, uintptr_t qweight, uintpt
     check_pointer(fn, "qweight", qweight, 16);
     check_pointer(fn, "absmax", absmax, 4);
     check_pointer(fn, "scale", scale, 4);
-    check_pointer(fn, "codebook", codebook, 4);
     return {reinterpret_cast<const void*>(qweight), reinterpret_cast<const void*>(absmax),
-            reinterpret_cast<const float*>(scale), reinterpret_cast<const float*>(codebook),
-            static_cast<int>(n), static_cast<int>(k), bits};
+            reinterpret_cast<const float*>(scale), host_codebook(fn, codebook, bits), static_cast<int>(n),
+            static_cast<int>(k), bits};
 }
 
 // Makes the device that owns `ptr` current for this thread's (statically linked) CUDA runtime, which keeps its own

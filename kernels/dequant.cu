@@ -17,7 +17,7 @@ struct DequantParams {
     const uint4* qweight;
     const uint4* absmax;
     const float* scale;
-    const float* codebook;
+    Codebook codebook;
     int n, k, groups;
     DType dtype;
 };
@@ -36,7 +36,7 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi, DType dtype) {
 template <int BITS>
 __global__ void __launch_bounds__(kDequantWarps * 32) dequantize_kernel(const DequantParams p) {
     __shared__ float codebook[1 << BITS];
-    if (threadIdx.x < (1 << BITS)) codebook[threadIdx.x] = p.codebook[threadIdx.x];
+    if (threadIdx.x < (1 << BITS)) codebook[threadIdx.x] = p.codebook.value[threadIdx.x];
     __syncthreads();
 
     const int lane = threadIdx.x & 31, G = lane >> 2, c = lane & 3;

@@ -12,12 +12,20 @@ namespace kbit {
 
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 
+// A weight's codebook by value: it travels in the kernels' launch parameters (the constant bank), so a kernel does
+// not wait on a global load before it can build its lookup tables. That load, issued behind the first weight loads,
+// cost 0.4-1.0 µs of an M = 1 call on an H100 (benchmarks/kernel_experiments.md).
+constexpr int kMaxCodebook = 32;
+struct Codebook {
+    float value[kMaxCodebook];  // the first 2^bits are the codebook
+};
+
 // One quantized weight W [n, k] in the kernel layout (kbit_format.cuh); all pointers on the device.
 struct KernelWeight {
     const void* qweight;     // int32 qweight_tiled
     const void* absmax;      // uint8 absmax_tiled
     const float* scale;      // fp32 [n]
-    const float* codebook;   // fp32 [2^bits]
+    Codebook codebook;
     int n;
     int k;
     int bits;

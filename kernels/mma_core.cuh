@@ -85,7 +85,7 @@ struct MmaParams {
     const uint4* qweight;
     const uint4* absmax;
     const float* scale;
-    const float* codebook;
+    Codebook codebook;
     int m;            // activation rows (tokens) per unit, <= 8 NT: sizes the partial sums
     int k, groups;
     int slices_log2;  // K-slices (warps) per row tile; a unit is block_warps(NT) >> slices_log2 row tiles
@@ -157,8 +157,8 @@ struct Act<__nv_bfloat16> {
 // Programmatic dependent launch (sm_90+) between the launches of one op (gate/up -> down -> sum of the MoE experts,
 // the chunks of a long dense M): a launch that allows it (allow_next_grid) lets the next launch of the op start while
 // it finishes, so that one's weight loads and table build overlap its tail; that one waits for its completion
-// (wait_for_prior_grid) before reading what it wrote or writing anything. Weights and codebooks (and the MoE down
-// launch's routing) are read before the wait, which is safe because only launches of the same op start early
+// (wait_for_prior_grid) before reading what it wrote or writing anything. Weights (and the MoE down launch's
+// routing) are read before the wait, which is safe because only launches of the same op start early
 // (launch_kernel): the first launch of an op starts as any launch does, after whatever kernel came before it has
 // finished, so a benchmark of back-to-back calls also measures what a model gets.
 __device__ __forceinline__ void wait_for_prior_grid() {
@@ -434,7 +434,7 @@ __global__ void __launch_bounds__(block_warps(NT) * 32, 1) mma_kernel(const MmaP
     for (int i = 0; i < R; ++i) {
         if (i < items) load_next(i);
     }
-    build_lut<BITS, T>(lut, __ldg(p.codebook + (lane & ((1 << BITS) - 1))));
+    build_lut<BITS, T>(lut, p.codebook.value[lane & ((1 << BITS) - 1)]);
     wait_for_prior_grid();  // from here on: activations, and the stores of the units
     if (p.chained) allow_next_grid();
 

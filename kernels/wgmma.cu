@@ -51,7 +51,7 @@ struct WgmmaParams {
     const uint4* qweight;
     const uint4* absmax;
     const float* scale;
-    const float* codebook;
+    const float* codebook;  // in the workspace, where the input-order launch writes it
     const void* x_mma;  // x [m, k] in the MMA's input order
     void* out;          // [m, n] of T, where slices == 1
     float* partial;     // [slices, m, n] fp32, where slices > 1
@@ -114,10 +114,15 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t 
 #undef KBIT_ACC8
 
 // x_mma = x with the 32-bit words of each 32-input block transposed (4 x 4): word 4 q + c of a block is x's word
-// 4 c + q. One thread per (token, block).
-__global__ void mma_order_kernel(uint4* x_mma, const uint4* x, long long blocks) {
+// 4 c + q. One thread per (token, block). It also writes the codebook, which arrives by value, to the workspace: the
+// main kernel reads it from there after its wait, as it reads x_mma. (With the codebook by value in the main
+// kernel's own parameters, as in the MMA tier, ptxas rematerialized the epilogue's addresses instead of spilling
+// them: 1.8x the instructions, and 2-17% slower at M = 64..256; benchmarks/kernel_experiments.md.)
+__global__ void mma_order_kernel(uint4* x_mma, const uint4* x, long long blocks, float* codebook_out,
+                                 const Codebook codebook) {
     allow_next_grid();  // the main launch may start loading its first weight tiles
     const long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+    if (i < kMaxCodebook) codebook_out[i] = codebook.value[i];
     if (i >= blocks) return;
     const uint4 v0 = x[4 * i], v1 = x[4 * i + 1], v2 = x[4 * i + 2], v3 = x[4 * i + 3];
     x_mma[4 * i] = make_uint4(v0.x, v1.x, v2.x, v3.x);
@@ -311,8 +316,12 @@ WgmmaSplit wgmma_split(int m, int n, int k) {
     return best;
 }
 
-// The workspace: x in MMA order, then (with K-slices) the slices' fp32 sums.
+// The workspace: x in MMA order, then (with K-slices) the slices' fp32 sums, then the codebook.
 size_t x_mma_bytes(int m, int k) { return (static_cast<size_t>(m) * k * 2 + 255) / 256 * 256; }
+
+long long partial_bytes(const WgmmaSplit& split, int m, int n) {
+    return split.slices > 1 ? static_cast<long long>(split.slices) * m * n * 4 : 0;
+}
 
 template <int BITS, typename T>
 void launch_wgmma(const WgmmaParams& p, int blocks, cudaStream_t stream) {
@@ -331,9 +340,8 @@ void launch_wgmma(const WgmmaParams& p, int blocks, cudaStream_t stream) {
 }  // namespace
 
 long long wgmma_workspace_bytes(int m, int n, int k) {
-    const WgmmaSplit split = wgmma_split(m, n, k);
-    return static_cast<long long>(x_mma_bytes(m, k)) +
-           (split.slices > 1 ? static_cast<long long>(split.slices) * m * n * 4 : 0);
+    return static_cast<long long>(x_mma_bytes(m, k)) + partial_bytes(wgmma_split(m, n, k), m, n) +
+           kMaxCodebook * static_cast<long long>(sizeof(float));
 }
 
 void wgmma(void* out, const void* x, const KernelWeight& w, int m, DType dtype, void* workspace,
@@ -343,15 +351,16 @@ void wgmma(void* out, const void* x, const KernelWeight& w, int m, DType dtype, 
     }
     const WgmmaSplit split = wgmma_split(m, w.n, w.k);
     auto* x_mma = static_cast<uint4*>(workspace);
-    float* partial = split.slices > 1 ? reinterpret_cast<float*>(static_cast<char*>(workspace) + x_mma_bytes(m, w.k))
-                                      : nullptr;
+    char* after_x = static_cast<char*>(workspace) + x_mma_bytes(m, w.k);
+    float* partial = split.slices > 1 ? reinterpret_cast<float*>(after_x) : nullptr;
+    auto* codebook = reinterpret_cast<float*>(after_x + partial_bytes(split, m, w.n));
     const long long x_blocks = static_cast<long long>(m) * w.k / kBlockSize;
     constexpr int kOrderThreads = 256;
     mma_order_kernel<<<static_cast<unsigned>((x_blocks + kOrderThreads - 1) / kOrderThreads), kOrderThreads, 0,
-                       stream>>>(x_mma, static_cast<const uint4*>(x), x_blocks);
+                       stream>>>(x_mma, static_cast<const uint4*>(x), x_blocks, codebook, w.codebook);
     check_cuda(cudaGetLastError(), "wgmma input order launch");
     const WgmmaParams p{static_cast<const uint4*>(w.qweight), static_cast<const uint4*>(w.absmax), w.scale,
-                        w.codebook, x_mma, out, partial, m, w.n, w.k, k_groups(w.k), w.n / kTileRows,
+                        codebook, x_mma, out, partial, m, w.n, w.k, k_groups(w.k), w.n / kTileRows,
                         (m + kTokens - 1) / kTokens, split.slices, split.slice_tiles};
     with_bits_and_dtype(w.bits, dtype, [&](auto bits_constant, auto act) {
         launch_wgmma<decltype(bits_constant)::value, decltype(act)>(p, split.blocks, stream);

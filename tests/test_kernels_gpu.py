@@ -36,7 +36,7 @@ def quantized(n, k, bits, magnitude=1.0):
     block_factor[pick < 0.1] = 1e-3
     block_factor[pick > 0.9] = 30.0
     t = kf.quantize((w * block_factor).reshape(n, k).cuda(), bits)
-    codebook = kf.normal_float_codebook(bits).cuda()
+    codebook = kf.normal_float_codebook(bits)  # on the CPU: the kernels take its values by value
     qweight_tiled, absmax_tiled = kf.to_kernel_layout(t)
     reference = kf.dequantize(t, codebook)  # fp32 [n, k]
     return t, codebook, qweight_tiled, absmax_tiled, reference
@@ -223,6 +223,11 @@ def test_invalid_arguments():
     with pytest.raises(ValueError, match="not CUDA device memory"):
         host = torch.empty(1, n, dtype=torch.float16)
         _C.mma(host.data_ptr(), x.data_ptr(), *ptrs, 1, n, k, bits, 0, stream())
+    # The codebook's values go into the launch parameters: it must be readable on the host.
+    with pytest.raises(ValueError, match="codebook must be in host memory"):
+        _C.mma(out.data_ptr(), x.data_ptr(), *ptrs[:3], codebook.cuda().data_ptr(), 1, n, k, bits, 0, stream())
+    with pytest.raises(ValueError, match="codebook must be a contiguous float32 CPU tensor"):
+        torch.ops.kbit.gemm(x, qweight_tiled, absmax_tiled, t.scale, codebook.cuda(), bits)
 
 
 @pytest.mark.parametrize("bits", kf.SUPPORTED_BITS)

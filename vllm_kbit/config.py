@@ -248,6 +248,8 @@ def install_kernel_tensors(layer: torch.nn.Module, tensors: dict[str, torch.Tens
                            prefix: str = "") -> None:
     """Put the kernel-layout tensors (ops.prepare_weight) and the codebook on the layer.
 
+    The codebook stays a CPU tensor on any device: the op passes its values to the kernels by value.
+
     Loaded parameters are replaced in place of their name (keeping vLLM's bookkeeping); names that did
     not exist before (load-time quantization loads a 16-bit ``weight`` instead) are registered.
     """
@@ -342,7 +344,7 @@ class KbitLinearMethod(LinearMethodBase):
             return
         packed = self._packed_weight(layer)
         device = packed.qweight.device
-        install_kernel_tensors(layer, ops.prepare_weight(packed, device), self.quant_config.codebook(self.bits).to(device))
+        install_kernel_tensors(layer, ops.prepare_weight(packed, device), self.quant_config.codebook(self.bits))
         _log_kernel_choice(packed.scale.shape[0], packed.in_features, self.bits, device)
         layer._already_called_process_weights_after_loading = True
 

@@ -165,7 +165,7 @@ class KbitMoEMethod(FusedMoEMethodBase):
             return
         packed = self._packed_experts(layer)
         device = packed["w13"].qweight.device
-        codebook = self.quant_config.codebook(self.bits).to(device)
+        codebook = self.quant_config.codebook(self.bits)
         for stem, weight in packed.items():
             install_kernel_tensors(layer, ops.prepare_weight(weight, device), codebook, prefix=f"{stem}_")
         self._log_plan(packed, device)

@@ -2,7 +2,9 @@
 
 Every choice that depends on M (tokens in the batch) happens inside the op, where torch.compile
 cannot freeze it; the fake implementation gives Dynamo shapes only. The op works on the layer's
-*kernel layout*, made once at load time by :func:`prepare_weight` for the device the layer lives on.
+*kernel layout*, made once at load time by :func:`prepare_weight` for the device the layer lives on,
+and on the codebook as a CPU tensor whatever the device (on a GPU its values go into the kernels'
+launch parameters).
 This module does not import vLLM, so kernels can be tested and benchmarked without it.
 """
 
@@ -105,6 +107,16 @@ def _gemm_cpu(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, scal
     return torch.nn.functional.linear(x, _decode_cpu_layout(qweight, absmax, codebook, x.dtype))
 
 
+def _host_codebook(codebook: torch.Tensor) -> int:
+    """The address of a CPU codebook: the kernels get its values by value, in their launch parameters."""
+    if codebook.device.type != "cpu" or codebook.dtype != torch.float32 or not codebook.is_contiguous():
+        raise ValueError(
+            "kbit: the codebook must be a contiguous float32 CPU tensor (its values are passed to the GPU kernels "
+            f"by value), got {codebook.dtype} on {codebook.device}"
+        )
+    return codebook.data_ptr()
+
+
 # Workspace bytes of _C.wgmma per (device, M, N, K).
 _WGMMA_WORKSPACE_BYTES: dict[tuple[int, int, int, int], int] = {}
 
@@ -123,7 +135,7 @@ def _gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, sca
     if tier == "dequant_cublas":
         weight = torch.empty((n, k), dtype=x.dtype, device=x.device)
         _C.dequantize(weight.data_ptr(), qweight.data_ptr(), absmax.data_ptr(), scale.data_ptr(),
-                      codebook.data_ptr(), n, k, bits, dtype_code, stream)
+                      _host_codebook(codebook), n, k, bits, dtype_code, stream)
         torch.mm(x, weight.t(), out=out)
     elif tier == "wgmma":
         key = (x.device.index, m, n, k)
@@ -132,16 +144,16 @@ def _gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, sca
             size = _WGMMA_WORKSPACE_BYTES[key] = _C.wgmma_workspace(out.data_ptr(), m, n, k)
         workspace = torch.empty(size, dtype=torch.uint8, device=x.device)
         _C.wgmma(out.data_ptr(), x.data_ptr(), qweight.data_ptr(), absmax.data_ptr(), scale.data_ptr(),
-                 codebook.data_ptr(), workspace.data_ptr(), m, n, k, bits, dtype_code, stream)
+                 _host_codebook(codebook), workspace.data_ptr(), m, n, k, bits, dtype_code, stream)
     else:
         getattr(_C, tier)(out.data_ptr(), x.data_ptr(), qweight.data_ptr(), absmax.data_ptr(),
-                          scale.data_ptr(), codebook.data_ptr(), m, n, k, bits, dtype_code, stream)
+                          scale.data_ptr(), _host_codebook(codebook), m, n, k, bits, dtype_code, stream)
     return out
 
 
 def gemm(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, scale: torch.Tensor,
          codebook: torch.Tensor, bits: int) -> torch.Tensor:
-    """y[M, N] = x[M, K] @ W^T for a kbit weight W [N, K] in the device's kernel layout."""
+    """y[M, N] = x[M, K] @ W^T for a kbit weight W [N, K] in the device's kernel layout (codebook on the CPU)."""
     if x.is_cuda:
         return _gemm_cuda(x, qweight, absmax, scale, codebook, bits)
     return _gemm_cpu(x, qweight, absmax, scale, codebook, bits)
@@ -225,7 +237,7 @@ def _decode_kernel_layout_cuda(qweight: torch.Tensor, absmax: torch.Tensor, scal
     The tiled layout of [E, N, K] is that of one [E*N, K] weight, so one dequantize launch decodes all experts.
     """
     out = torch.empty((*scale.shape, in_features), dtype=dtype, device=scale.device)
-    _C.dequantize(out.data_ptr(), qweight.data_ptr(), absmax.data_ptr(), scale.data_ptr(), codebook.data_ptr(),
+    _C.dequantize(out.data_ptr(), qweight.data_ptr(), absmax.data_ptr(), scale.data_ptr(), _host_codebook(codebook),
                   scale.numel(), in_features, bits, _DTYPE_CODE[dtype],
                   torch.cuda.current_stream(scale.device).cuda_stream)
     return out
@@ -266,7 +278,7 @@ def _moe_experts_grouped(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: 
     _C.moe_experts(out.data_ptr(), x.data_ptr(), workspace_hidden.data_ptr(), pair_out.data_ptr(),
                    topk_ids.data_ptr(), topk_weights.data_ptr(), w13_qweight.data_ptr(), w13_absmax.data_ptr(),
                    w13_scale.data_ptr(), w2_qweight.data_ptr(), w2_absmax.data_ptr(), w2_scale.data_ptr(),
-                   codebook.data_ptr(), m, top_k, experts, hidden, intermediate, bits,
+                   _host_codebook(codebook), m, top_k, experts, hidden, intermediate, bits,
                    _MOE_ACTIVATION_CODE[activation], _DTYPE_CODE[x.dtype],
                    torch.cuda.current_stream(x.device).cuda_stream)
     return out
