@@ -158,7 +158,8 @@ def _write_checkpoint(out: Path, fmt_name: str, shape_key: str, dtype_name: str,
     if fmt.kind == "fp16":
         rc.write_random_llama(out, shape, dtype, tokenizer_dir=tokenizer_dir)
     elif fmt.kind == "kbit":
-        rc.write_random_kbit_llama(out, shape, fmt.bits, dtype, tokenizer_dir=tokenizer_dir, quantize_lm_head=fmt.lm_head)
+        rc.write_random_kbit_llama(out, shape, fmt.bits, dtype, tokenizer_dir=tokenizer_dir,
+                                   quantize_lm_head=fmt.lm_head)
     else:
         rc.write_random_gptq_llama(out, shape, dtype, tokenizer_dir=tokenizer_dir)
 

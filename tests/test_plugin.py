@@ -121,6 +121,20 @@ def test_misaligned_shapes_name_the_fix():
         RowParallelLinear(64, 40, bias=False, quant_config=cfg, prefix="model.layers.0.mlp.down_proj")
 
 
+def test_lm_head_method():
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    head = ParallelLMHead(1000, 256, quant_config=_config(bits=4, packed=True, lm_head=True), prefix="lm_head")
+    assert isinstance(head.quant_method, KbitLinearMethod)
+    assert head.qweight.shape == (1024, 256 // 32 * 4)  # the vocabulary padded to 64 rows
+    # Off by default, and off where modules_to_not_convert names it.
+    for cfg in (_config(packed=True), _config(packed=True, lm_head=True, modules_to_not_convert=["lm_head"])):
+        quant_method = ParallelLMHead(1000, 256, quant_config=cfg, prefix="lm_head").quant_method
+        assert not isinstance(quant_method, KbitLinearMethod)
+    with pytest.raises(ValueError, match=r"input size per rank 48 .*quantization_config.lm_head: false"):
+        ParallelLMHead(1000, 48, quant_config=_config(packed=True, lm_head=True), prefix="lm_head")
+
+
 def test_process_weights_is_idempotent_and_checks_loading():
     cfg = _config(bits=4, packed=True)
     layer = RowParallelLinear(256, 128, bias=False, quant_config=cfg, prefix="model.layers.0.mlp.down_proj")

@@ -2,9 +2,9 @@
 
 import json
 import re
-from dataclasses import replace
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -66,10 +66,13 @@ def test_quantize_lm_head(tiny_src, tmp_path, capsys):
     qc = json.loads((dst / "config.json").read_text())["quantization_config"]
     assert qc["lm_head"] is True and "lm_head" not in qc["modules_to_not_convert"]
 
-    # A model that ties its lm_head to the embeddings has no lm_head weight to quantize.
+    # A model that ties its lm_head to the embeddings has no lm_head weight to quantize, or one that vLLM ignores.
     tied = write_random_llama(tmp_path / "tied", replace(TINY_LLAMA, tie_word_embeddings=True))
-    assert "has no lm_head weight" in _error(capsys, [str(tied), str(tmp_path / "t4"), "--quantize-lm-head"])
-    assert not (tmp_path / "t4").exists()
+    assert "ties its lm_head" in _error(capsys, [str(tied), str(tmp_path / "t4"), "--quantize-lm-head"])
+    config = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    assert "has no lm_head weight" in _error(capsys, [str(tied), str(tmp_path / "t5"), "--quantize-lm-head"])
+    assert not (tmp_path / "t4").exists() and not (tmp_path / "t5").exists()
 
 
 def test_bits_map_and_skip(tiny_src, tmp_path):

@@ -146,8 +146,13 @@ def check_act_dtype(dtype: torch.dtype, on_gpu: bool) -> None:
                          f"got {dtype}. Pass --dtype bfloat16 or --dtype float16.")
 
 
-def check_partition(in_features: int, out_features: int, layer: str, tp_size: int) -> None:
-    """Per-rank shape checks, with the fix in the message."""
+LEAVE_UNQUANTIZED = ("leave this module unquantized (kbit-quantize --skip REGEX / "
+                     "quantization_config.modules_to_not_convert)")
+
+
+def check_partition(in_features: int, out_features: int, layer: str, tp_size: int,
+                    other_fix: str = LEAVE_UNQUANTIZED) -> None:
+    """Per-rank shape checks, with the fix in the message (a tensor-parallel size that fits, or other_fix)."""
     problems = []
     if in_features % K_ALIGN:
         problems.append(f"input size per rank {in_features} is not a multiple of {K_ALIGN}")
@@ -156,8 +161,7 @@ def check_partition(in_features: int, out_features: int, layer: str, tp_size: in
     if problems:
         raise ValueError(
             f"kbit cannot quantize {layer} at tensor-parallel size {tp_size}: {'; '.join(problems)}. "
-            "Use a tensor-parallel size that divides it into such pieces, or leave this module "
-            "unquantized (kbit-quantize --skip REGEX / quantization_config.modules_to_not_convert)."
+            f"Use a tensor-parallel size that divides it into such pieces, or {other_fix}."
         )
 
 

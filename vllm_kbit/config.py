@@ -134,14 +134,19 @@ class KbitConfig(QuantizationConfig):
             method = KbitLinearMethod if self.packed else KbitOnlineLinearMethod
             return method(self, bits, prefix)
         if isinstance(layer, ParallelLMHead):
-            if not self.lm_head:
-                return None  # unquantized
+            if not self.lm_head or self.is_skipped(prefix, [prefix]):
+                return None  # unquantized (also heads that kbit-quantize's lm_head pattern did not match)
             if _ties_word_embeddings():
                 raise kfmt.KbitFormatError(
                     f"quantization_config.lm_head is true, but this model ties {prefix} to its input embeddings "
                     "(tie_word_embeddings), which kbit leaves 16-bit: there is no separate lm_head to quantize. "
                     "Set quantization_config.lm_head to false."
                 )
+            # Rows per rank: the vocabulary padded to 64, split over the ranks.
+            capabilities.check_partition(
+                layer.embedding_dim, layer.num_embeddings_per_partition, prefix, getattr(layer, "tp_size", 1),
+                other_fix="serve the lm_head 16-bit (quantization_config.lm_head: false, or quantize without "
+                          "--quantize-lm-head)")
             method = KbitLinearMethod if self.packed else KbitOnlineLinearMethod
             return method(self, self.bits_for(prefix, [prefix]), prefix)
         if _is_moe_layer(layer):

@@ -107,12 +107,14 @@ def _gemm_cpu(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, scal
     return torch.nn.functional.linear(x, _decode_cpu_layout(qweight, absmax, codebook, x.dtype))
 
 
-def _host_codebook(codebook: torch.Tensor) -> int:
+def _host_codebook(codebook: torch.Tensor, bits: int) -> int:
     """The address of a CPU codebook: the kernels get its values by value, in their launch parameters."""
-    if codebook.device.type != "cpu" or codebook.dtype != torch.float32 or not codebook.is_contiguous():
+    if (codebook.device.type != "cpu" or codebook.dtype != torch.float32 or not codebook.is_contiguous()
+            or codebook.numel() != 1 << bits):
         raise ValueError(
-            "kbit: the codebook must be a contiguous float32 CPU tensor (its values are passed to the GPU kernels "
-            f"by value), got {codebook.dtype} on {codebook.device}"
+            f"kbit: the codebook must be a contiguous float32 CPU tensor of 2^bits = {1 << bits} values (they are "
+            f"passed to the GPU kernels by value; pass codebook.cpu()), got {codebook.dtype} "
+            f"{list(codebook.shape)} on {codebook.device}"
         )
     return codebook.data_ptr()
 
@@ -135,7 +137,7 @@ def _gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, sca
     if tier == "dequant_cublas":
         weight = torch.empty((n, k), dtype=x.dtype, device=x.device)
         _C.dequantize(weight.data_ptr(), qweight.data_ptr(), absmax.data_ptr(), scale.data_ptr(),
-                      _host_codebook(codebook), n, k, bits, dtype_code, stream)
+                      _host_codebook(codebook, bits), n, k, bits, dtype_code, stream)
         torch.mm(x, weight.t(), out=out)
     elif tier == "wgmma":
         key = (x.device.index, m, n, k)
@@ -144,10 +146,10 @@ def _gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, sca
             size = _WGMMA_WORKSPACE_BYTES[key] = _C.wgmma_workspace(out.data_ptr(), m, n, k)
         workspace = torch.empty(size, dtype=torch.uint8, device=x.device)
         _C.wgmma(out.data_ptr(), x.data_ptr(), qweight.data_ptr(), absmax.data_ptr(), scale.data_ptr(),
-                 _host_codebook(codebook), workspace.data_ptr(), m, n, k, bits, dtype_code, stream)
+                 _host_codebook(codebook, bits), workspace.data_ptr(), m, n, k, bits, dtype_code, stream)
     else:
         getattr(_C, tier)(out.data_ptr(), x.data_ptr(), qweight.data_ptr(), absmax.data_ptr(),
-                          scale.data_ptr(), _host_codebook(codebook), m, n, k, bits, dtype_code, stream)
+                          scale.data_ptr(), _host_codebook(codebook, bits), m, n, k, bits, dtype_code, stream)
     return out
 
 
@@ -237,8 +239,8 @@ def _decode_kernel_layout_cuda(qweight: torch.Tensor, absmax: torch.Tensor, scal
     The tiled layout of [E, N, K] is that of one [E*N, K] weight, so one dequantize launch decodes all experts.
     """
     out = torch.empty((*scale.shape, in_features), dtype=dtype, device=scale.device)
-    _C.dequantize(out.data_ptr(), qweight.data_ptr(), absmax.data_ptr(), scale.data_ptr(), _host_codebook(codebook),
-                  scale.numel(), in_features, bits, _DTYPE_CODE[dtype],
+    _C.dequantize(out.data_ptr(), qweight.data_ptr(), absmax.data_ptr(), scale.data_ptr(),
+                  _host_codebook(codebook, bits), scale.numel(), in_features, bits, _DTYPE_CODE[dtype],
                   torch.cuda.current_stream(scale.device).cuda_stream)
     return out
 
@@ -278,7 +280,7 @@ def _moe_experts_grouped(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: 
     _C.moe_experts(out.data_ptr(), x.data_ptr(), workspace_hidden.data_ptr(), pair_out.data_ptr(),
                    topk_ids.data_ptr(), topk_weights.data_ptr(), w13_qweight.data_ptr(), w13_absmax.data_ptr(),
                    w13_scale.data_ptr(), w2_qweight.data_ptr(), w2_absmax.data_ptr(), w2_scale.data_ptr(),
-                   _host_codebook(codebook), m, top_k, experts, hidden, intermediate, bits,
+                   _host_codebook(codebook, bits), m, top_k, experts, hidden, intermediate, bits,
                    _MOE_ACTIVATION_CODE[activation], _DTYPE_CODE[x.dtype],
                    torch.cuda.current_stream(x.device).cuda_stream)
     return out

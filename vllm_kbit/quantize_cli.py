@@ -127,6 +127,12 @@ def default_skip(quantize_lm_head: bool = False) -> tuple[str, ...]:
     return tuple(p for p in DEFAULT_SKIP if not (quantize_lm_head and p == LM_HEAD))
 
 
+def ties_word_embeddings(config: dict) -> bool:
+    """Whether a Hugging Face config says so explicitly (multimodal models: in its text_config)."""
+    text_config = config.get("text_config") or {}
+    return config.get("tie_word_embeddings") is True or text_config.get("tie_word_embeddings") is True
+
+
 def quantizes_lm_head(plans: list[Plan]) -> bool:
     return any(p.bits is not None and module_matches((LM_HEAD,), p.module) for p in plans)
 
@@ -216,6 +222,11 @@ def quantize_checkpoint(src: Path, dst: Path, bits: int = 4, bits_map: dict[str,
     if config is not None and "quantization_config" in config:
         method = config["quantization_config"].get("quant_method", "?")
         raise QuantizeError(f"{src} is already quantized ({method}); kbit-quantize needs a 16-bit checkpoint")
+    if quantize_lm_head and config is not None and ties_word_embeddings(config):
+        raise QuantizeError(
+            f"--quantize-lm-head: {src} ties its lm_head to the input embeddings (tie_word_embeddings), which stay "
+            "16-bit, so there is no separate lm_head to quantize; drop --quantize-lm-head"
+        )
     skip = (*(default_skip(quantize_lm_head) if use_default_skip else ()), *skip)
     for pattern in skip:
         try:

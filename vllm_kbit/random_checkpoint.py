@@ -181,9 +181,9 @@ def write_random_olmoe(out_dir: Path, shape: MoeShape = TINY_OLMOE, dtype: torch
 # ---------------------------------------------------------------------------------------------------
 # Serving-benchmark checkpoints of a Llama shape, written directly in quantized form: random codes with
 # sane scales instead of a quantization pass, so a Llama-3-8B-sized checkpoint takes seconds. The packed
-# tensors are drawn on the GPU when there is one; the 16-bit ones (embeddings, lm_head, norms) come from
-# _random_tensor as in write_random_llama. Decoded weights have RMS 1/sqrt(K), like _random_tensor's, so
-# activations stay O(1) through the layers and 16-bit inference never overflows.
+# tensors are drawn on the GPU when there is one; the 16-bit ones (embeddings, norms, the lm_head unless it is
+# quantized too) come from _random_tensor as in write_random_llama. Decoded weights have RMS 1/sqrt(K), like
+# _random_tensor's, so activations stay O(1) through the layers and 16-bit inference never overflows.
 # ---------------------------------------------------------------------------------------------------
 
 TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens", "vocab", "merges")
@@ -264,6 +264,8 @@ def write_random_kbit_llama(out_dir: Path, shape: LlamaShape = TINY_LLAMA, bits:
                             dtype: torch.dtype = torch.bfloat16, seed: int = 0,
                             tokenizer_dir: Path | None = None, quantize_lm_head: bool = False) -> Path:
     """A kbit checkpoint of a Llama shape with random codes (and a kbit lm_head with quantize_lm_head)."""
+    if quantize_lm_head and shape.tie_word_embeddings:
+        raise ValueError("quantize_lm_head: this shape ties its lm_head to the embeddings, which stay 16-bit")
     return _write_random_kbit(out_dir, llama_tensors(shape, dtype), llama_config(shape, dtype), bits, seed,
                               tokenizer_dir, quantize_lm_head)
 
