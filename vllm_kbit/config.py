@@ -48,6 +48,8 @@ logger = init_logger("vllm.kbit")
 
 DEFAULT_BITS = 4
 FORMAT_VERSION = 1
+# The fix for an lm_head whose shape kbit cannot split: a packed one cannot be skipped at load time.
+LM_HEAD_FIX = "serve the lm_head 16-bit (quantization_config.lm_head: false, or quantize without --quantize-lm-head)"
 # Router gates take the hidden state to expert logits; quantizing them costs accuracy and saves nothing.
 ROUTER_GATE = re.compile(r"(^|\.)(gate|shared_expert_gate|router)$")
 
@@ -130,9 +132,7 @@ class KbitConfig(QuantizationConfig):
             names = self.checkpoint_names(prefix)
             if self.is_skipped(prefix, names):
                 return UnquantizedLinearMethod()
-            bits = self.bits_for(prefix, names)
-            method = KbitLinearMethod if self.packed else KbitOnlineLinearMethod
-            return method(self, bits, prefix)
+            return self._linear_method(self.bits_for(prefix, names), prefix)
         if isinstance(layer, ParallelLMHead):
             if not self.lm_head or self.is_skipped(prefix, [prefix]):
                 return None  # unquantized (also heads that kbit-quantize's lm_head pattern did not match)
@@ -142,13 +142,7 @@ class KbitConfig(QuantizationConfig):
                     "(tie_word_embeddings), which kbit leaves 16-bit: there is no separate lm_head to quantize. "
                     "Set quantization_config.lm_head to false."
                 )
-            # Rows per rank: the vocabulary padded to 64, split over the ranks.
-            capabilities.check_partition(
-                layer.embedding_dim, layer.num_embeddings_per_partition, prefix, getattr(layer, "tp_size", 1),
-                other_fix="serve the lm_head 16-bit (quantization_config.lm_head: false, or quantize without "
-                          "--quantize-lm-head)")
-            method = KbitLinearMethod if self.packed else KbitOnlineLinearMethod
-            return method(self, self.bits_for(prefix, [prefix]), prefix)
+            return self._linear_method(self.bits_for(prefix, [prefix]), prefix)
         if _is_moe_layer(layer):
             from vllm_kbit.moe import KbitMoEMethod, KbitOnlineMoEMethod, expert_checkpoint_names  # imports us
 
@@ -158,6 +152,9 @@ class KbitConfig(QuantizationConfig):
             method = KbitMoEMethod if self.packed else KbitOnlineMoEMethod
             return method(self, self.bits_for(prefix, names), layer.moe_config, prefix)
         return None  # embeddings, attention: unquantized
+
+    def _linear_method(self, bits: int, prefix: str) -> KbitLinearMethod:
+        return (KbitLinearMethod if self.packed else KbitOnlineLinearMethod)(self, bits, prefix)
 
     # --- which modules, how many bits ---------------------------------------------------------------
 
@@ -313,8 +310,10 @@ class KbitLinearMethod(LinearMethodBase):
         from vllm.distributed import get_tensor_model_parallel_world_size
 
         tp = get_tensor_model_parallel_world_size()
+        # An lm_head's rows per rank: the vocabulary padded to 64, split over the ranks.
+        fix = LM_HEAD_FIX if isinstance(layer, ParallelLMHead) else capabilities.LEAVE_UNQUANTIZED
         for n in output_partition_sizes:
-            capabilities.check_partition(input_size_per_partition, n, self.prefix or type(layer).__name__, tp)
+            capabilities.check_partition(input_size_per_partition, n, self.prefix or type(layer).__name__, tp, fix)
 
     def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs):

@@ -132,12 +132,13 @@ def _gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, sca
         return out
     x = x.contiguous()
     dtype_code = _DTYPE_CODE[x.dtype]
+    codebook_ptr = _host_codebook(codebook, bits)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     tier = tier_name(x.device.index, m, n, k)
     if tier == "dequant_cublas":
         weight = torch.empty((n, k), dtype=x.dtype, device=x.device)
         _C.dequantize(weight.data_ptr(), qweight.data_ptr(), absmax.data_ptr(), scale.data_ptr(),
-                      _host_codebook(codebook, bits), n, k, bits, dtype_code, stream)
+                      codebook_ptr, n, k, bits, dtype_code, stream)
         torch.mm(x, weight.t(), out=out)
     elif tier == "wgmma":
         key = (x.device.index, m, n, k)
@@ -146,10 +147,10 @@ def _gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, sca
             size = _WGMMA_WORKSPACE_BYTES[key] = _C.wgmma_workspace(out.data_ptr(), m, n, k)
         workspace = torch.empty(size, dtype=torch.uint8, device=x.device)
         _C.wgmma(out.data_ptr(), x.data_ptr(), qweight.data_ptr(), absmax.data_ptr(), scale.data_ptr(),
-                 _host_codebook(codebook, bits), workspace.data_ptr(), m, n, k, bits, dtype_code, stream)
+                 codebook_ptr, workspace.data_ptr(), m, n, k, bits, dtype_code, stream)
     else:
         getattr(_C, tier)(out.data_ptr(), x.data_ptr(), qweight.data_ptr(), absmax.data_ptr(),
-                          scale.data_ptr(), _host_codebook(codebook, bits), m, n, k, bits, dtype_code, stream)
+                          scale.data_ptr(), codebook_ptr, m, n, k, bits, dtype_code, stream)
     return out
 
 
