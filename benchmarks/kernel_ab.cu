@@ -129,6 +129,7 @@ void time_dense(const std::string& label, bool interleave, std::mt19937& rng, cu
     const Shape shapes[] = {{"Llama-3-8B qkv", 4096, 6144},     {"Llama-3-8B o", 4096, 4096},
                             {"Llama-3-8B gate_up", 4096, 28672}, {"Llama-3-8B down", 14336, 4096},
                             {"Qwen3-Next q", 2048, 4096},        {"Qwen3-Next kv", 2048, 512},
+                            {"Qwen3-Next o", 4096, 2048},        {"Qwen3-Next down", 5120, 2048},
                             {"Llama-3-70B gate_up", 8192, 57344}};
     const int token_counts[] = {1, 8, 16, 32, 64};
     cublasHandle_t cublas;

@@ -7,14 +7,15 @@
 // 15, each lane the same fragment as for mma.sync m16n8k16), so the lane map of the kernel layout (kbit_format.cuh)
 // and the table decode of mma_core.cuh feed it unchanged: each warp decodes one row tile (32 rows) per column tile,
 // its two 16-row halves feeding the warpgroup's two MMAs (rows of 4 row tiles, 128 outputs). Tokens are operand B,
-// read by the MMA from shared memory: kTokens tokens x 16 inputs per step. The fragment of lane c holds inputs
+// read by the MMA from shared memory: TOKENS tokens x 16 inputs per step (wgmma N: 128, or 64 for M <= 64, where 128
+// would double the tensor-core work). The fragment of lane c holds inputs
 // 8 c .. 8 c + 7 of each 32-input block, so the MMA's input order within a block is a permutation of x's: logical
 // input 8 h + 2 c + u of step s is input 8 c + 4 s + 2 h + u (u = 0, 1), a 4 x 4 transpose of the block's 32-bit
 // words. A first launch writes x in that order (x_mma, a workspace); the main launch copies it with cp.async into the
 // MMA's layout (K-major, 128-byte swizzle: 64 inputs per 128-byte row, the 16-byte chunk index XOR the row mod 8),
 // four column tiles deep.
 //
-// Work split. A block (two warpgroups, 8 warps) computes 8 row tiles (256 outputs) x kTokens tokens over one K-slice
+// Work split. A block (two warpgroups, 8 warps) computes 8 row tiles (256 outputs) x TOKENS tokens over one K-slice
 // of column tiles. Where there are fewer such blocks than multiprocessors, K is split (as long as the blocks still
 // fit in one wave), the fp32 sums of the slices go to the workspace, and a last launch adds them up in slice order
 // (deterministic). A k16 step's A registers are rewritten two steps later, after wgmma.wait_group 1; one barrier per
@@ -31,21 +32,27 @@ namespace {
 
 using namespace mma_core;
 
-constexpr int kTokens = 128;                         // operand B rows (wgmma N) per block
+constexpr int kMaxTokens = 128;                      // operand B rows (wgmma N) per block: 128, or 64 (tokens_for)
 constexpr int kWarps = 8;                            // two warpgroups, one row tile per warp
 constexpr int kThreads = kWarps * 32;
 constexpr int kRowBytes = 128;                       // one swizzled row: 64 inputs
-constexpr int kAtomBytes = kTokens * kRowBytes;      // inputs 64 a .. 64 a + 63 of all tokens
-constexpr int kOperandBytes = 2 * kAtomBytes;        // one column tile (128 inputs)
 constexpr int kStages = 4;                           // column tiles of x in shared memory
 constexpr int kAlign = 1024;                         // the swizzle repeats every 8 rows
 
-constexpr size_t wgmma_smem(int lut_bytes) { return kAlign + kStages * kOperandBytes + lut_bytes; }
+// Operand B tokens of a launch for M tokens.
+__host__ __device__ constexpr int tokens_for(int m) { return m <= 64 ? 64 : kMaxTokens; }
+// Bytes of inputs 64 a .. 64 a + 63 of all tokens (an atom), of one column tile (128 inputs: two atoms).
+__host__ __device__ constexpr int atom_bytes(int tokens) { return tokens * kRowBytes; }
+__host__ __device__ constexpr int operand_bytes(int tokens) { return 2 * atom_bytes(tokens); }
 
-// Tiles in flight per lane (the register ring): as many as fit next to 128 accumulators and 16 A registers without
-// spills in the main loop (the epilogue's row addresses spill 56-72 bytes).
-template <int BITS>
-constexpr int kWgmmaRingDepth = BITS == 2 ? 4 : 2;
+constexpr size_t wgmma_smem(int lut_bytes, int tokens) { return kAlign + kStages * operand_bytes(tokens) + lut_bytes; }
+
+// Tiles in flight per lane (the register ring): at 128 tokens as many as fit next to 128 accumulators and 16 A
+// registers without spills in the main loop (the epilogue's row addresses spill 56-72 bytes); at 64 tokens (64
+// accumulators) k = 3..5 take twice that or so, no spills: on an H100 k = 4 ran 1.03-1.16x faster at M = 33..64 on
+// the Llama-3 layers from qkv up (Qwen3-Next's 0.98-1.02x), while a deeper ring for k = 2 (6) was 0.97-1.01x.
+template <int BITS, int TOKENS>
+constexpr int kWgmmaRingDepth = BITS == 2 ? 4 : TOKENS == kMaxTokens ? 2 : BITS == 5 ? 3 : 4;
 
 struct WgmmaParams {
     const uint4* qweight;
@@ -56,7 +63,7 @@ struct WgmmaParams {
     void* out;          // [m, n] of T, where slices == 1
     float* partial;     // [slices, m, n] fp32, where slices > 1
     int m, n, k, groups, rowtiles;
-    int token_tiles;   // ceil(m / kTokens)
+    int token_tiles;   // ceil(m / TOKENS)
     int slices;        // K-slices
     int slice_tiles;   // column tiles per K-slice
 };
@@ -98,19 +105,36 @@ __device__ __forceinline__ uint64_t operand_descriptor(uint32_t address) {
         : KBIT_ACC8(0), KBIT_ACC8(8), KBIT_ACC8(16), KBIT_ACC8(24), KBIT_ACC8(32), KBIT_ACC8(40), KBIT_ACC8(48),      \
           KBIT_ACC8(56)                                                                                               \
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
+#define KBIT_WGMMA_M64N64K16(TYPE)                                                                                    \
+    asm volatile(                                                                                                     \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                                                    \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                                              \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+        "%23, %24, %25, %26, %27, %28, %29, %30, %31}, "                                                              \
+        "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                                                 \
+        : KBIT_ACC8(0), KBIT_ACC8(8), KBIT_ACC8(16), KBIT_ACC8(24)                                                    \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
 
-// d (64 accumulators: row 16 w + G + 8 (i / 2 % 2), token 8 (i / 4) + 2 c + i % 2) += A (registers) . B (desc)
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
+// d (TOKENS / 2 accumulators: row 16 w + G + 8 (i / 2 % 2), token 8 (i / 4) + 2 c + i % 2) += A (registers) . B
+// (desc: TOKENS tokens)
+template <typename T, int TOKENS>
+__device__ __forceinline__ void wgmma_m64k16(float (&d)[TOKENS / 2], const uint32_t (&a)[4], uint64_t desc) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if constexpr (std::is_same_v<T, __half>) {
+    static_assert(TOKENS == 64 || TOKENS == 128, "wgmma N: 64 or 128 tokens");
+    constexpr bool kHalf = std::is_same_v<T, __half>;
+    if constexpr (TOKENS == 128 && kHalf) {
         KBIT_WGMMA_M64N128K16("f16");
-    } else {
+    } else if constexpr (TOKENS == 128) {
         KBIT_WGMMA_M64N128K16("bf16");
+    } else if constexpr (kHalf) {
+        KBIT_WGMMA_M64N64K16("f16");
+    } else {
+        KBIT_WGMMA_M64N64K16("bf16");
     }
 #endif
 }
 #undef KBIT_WGMMA_M64N128K16
+#undef KBIT_WGMMA_M64N64K16
 #undef KBIT_ACC8
 
 // x_mma = x with the 32-bit words of each 32-input block transposed (4 x 4): word 4 q + c of a block is x's word
@@ -131,13 +155,14 @@ __global__ void mma_order_kernel(uint4* x_mma, const uint4* x, long long blocks,
     x_mma[4 * i + 3] = make_uint4(v0.w, v1.w, v2.w, v3.w);
 }
 
-template <int BITS, typename T>
+template <int BITS, typename T, int TOKENS>
 __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p) {
+    constexpr int kAtomBytes = atom_bytes(TOKENS), kOperandBytes = operand_bytes(TOKENS);
     extern __shared__ uint8_t smem_unaligned[];
     const uint32_t unaligned = static_cast<uint32_t>(__cvta_generic_to_shared(smem_unaligned));
-    const uint32_t operand = (unaligned + kAlign - 1) & ~uint32_t{kAlign - 1};  // [kStages][2 atoms][kTokens][128 B]
+    const uint32_t operand = (unaligned + kAlign - 1) & ~uint32_t{kAlign - 1};  // [kStages][2 atoms][TOKENS][128 B]
     uint4* const lut = reinterpret_cast<uint4*>(smem_unaligned + (operand - unaligned) + kStages * kOperandBytes);
-    constexpr int R = kWgmmaRingDepth<BITS>;
+    constexpr int R = kWgmmaRingDepth<BITS, TOKENS>;
 
     const int lane = threadIdx.x & 31, warp = __shfl_sync(~0u, threadIdx.x >> 5, 0);
     const int G = lane >> 2;
@@ -147,12 +172,13 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
     const int slice = block % p.slices, rowtile = block / p.slices * kWarps + warp;
     const bool has_rows = rowtile < p.rowtiles;
     const int first_kt = slice * p.slice_tiles, tiles = min(p.groups - first_kt, p.slice_tiles);
-    const int first_token = token_tile * kTokens;
+    const int first_token = token_tile * TOKENS;
 
     // Column tile t of the slice into operand buffer t % kStages, zeros past M and K; one commit group per call.
     // Thread i copies piece i % 16 (8 inputs in MMA order) of tokens i / 16 + 16 j, so its swizzled offsets and
     // row checks are fixed for the block.
-    static_assert(kThreads * 8 == kTokens * (kTileK / 8), "8 pieces per thread");
+    constexpr int kPieces = TOKENS * (kTileK / 8) / kThreads;  // per thread
+    static_assert(kThreads * kPieces == TOKENS * (kTileK / 8) && kThreads / 16 == 16, "tokens i / 16 + 16 j");
     const int piece = threadIdx.x % 16, token = threadIdx.x / 16;
     const uint32_t piece_dst =
         operand + (piece / 8) * kAtomBytes + token * kRowBytes + ((piece % 8) ^ (token % 8)) * 16;
@@ -160,13 +186,13 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
                               first_kt * kTileK + piece * 8;
     uint32_t rows_inside = 0;  // bit j: token + 16 j < M
 #pragma unroll
-    for (int j = 0; j < 8; ++j) rows_inside |= (first_token + token + 16 * j < p.m ? 1u : 0u) << j;
+    for (int j = 0; j < kPieces; ++j) rows_inside |= (first_token + token + 16 * j < p.m ? 1u : 0u) << j;
     const auto stage_x = [&](int t) {
         if (t < tiles) {
             const uint32_t rows = (first_kt + t) * kTileK + piece * 8 < p.k ? rows_inside : 0u;
             const uint32_t buffer = (t % kStages) * kOperandBytes;
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
+            for (int j = 0; j < kPieces; ++j) {
                 const bool valid = (rows >> j) & 1;
                 const __half* src = valid ? piece_src + static_cast<size_t>(16 * j) * p.k + t * kTileK
                                           : static_cast<const __half*>(p.x_mma);
@@ -205,11 +231,11 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
     }
     const uint32_t lut_address = static_cast<uint32_t>(__cvta_generic_to_shared(lut));
     const uint32_t copy_bytes = lane * Lut<BITS>::kEntryBytes;
-    float acc[2][64];
+    float acc[2][TOKENS / 2];
 #pragma unroll
     for (int rt = 0; rt < 2; ++rt) {
 #pragma unroll
-        for (int i = 0; i < 64; ++i) acc[rt][i] = 0.f;
+        for (int i = 0; i < TOKENS / 2; ++i) acc[rt][i] = 0.f;
     }
     uint32_t a[2][2][4];  // [k16 step parity][row half rt]: read by the MMAs until two steps later
     for (int base = 0; base < tiles; base += R) {
@@ -249,8 +275,8 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
                     const uint64_t desc =
                         operand_descriptor(buffer + (b / 2) * kAtomBytes + ((b % 2) * 2 + s) * 32);
                     wgmma_fence();
-                    wgmma_m64n128k16<T>(acc[0], a[s][0], desc);
-                    wgmma_m64n128k16<T>(acc[1], a[s][1], desc);
+                    wgmma_m64k16<T, TOKENS>(acc[0], a[s][0], desc);
+                    wgmma_m64k16<T, TOKENS>(acc[1], a[s][1], desc);
                     wgmma_commit();
                 }
             }
@@ -265,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
 #pragma unroll
     for (int rt = 0; rt < 2; ++rt) {
 #pragma unroll
-        for (int i = 0; i < 64; ++i) {
+        for (int i = 0; i < TOKENS / 2; ++i) {
             const int token = first_token + 8 * (i / 4) + 2 * c + i % 2;
             const int row = rowtile * kTileRows + 16 * rt + G + 8 * (i / 2 % 2);
             if (token >= p.m) continue;
@@ -302,7 +328,7 @@ struct WgmmaSplit {
 // fewer slices.
 WgmmaSplit wgmma_split(int m, int n, int k) {
     const int groups = k_groups(k), rowblocks = (n / kTileRows + kWarps - 1) / kWarps;
-    const int token_tiles = (m + kTokens - 1) / kTokens, sms = multiprocessors();
+    const int token_tiles = (m + tokens_for(m) - 1) / tokens_for(m), sms = multiprocessors();
     WgmmaSplit best{1, groups, rowblocks * token_tiles};
     double best_cost = static_cast<double>((best.blocks + sms - 1) / sms) * (groups + 1.0);
     for (int slices = 2; slices <= groups; slices *= 2) {
@@ -323,11 +349,11 @@ long long partial_bytes(const WgmmaSplit& split, int m, int n) {
     return split.slices > 1 ? static_cast<long long>(split.slices) * m * n * 4 : 0;
 }
 
-template <int BITS, typename T>
+template <int BITS, typename T, int TOKENS>
 void launch_wgmma(const WgmmaParams& p, int blocks, cudaStream_t stream) {
-    constexpr size_t smem = wgmma_smem(Lut<BITS>::kBytes);
-    allow_dynamic_smem<wgmma_kernel<BITS, T>>(smem, "cudaFuncSetAttribute(wgmma_kernel)");
-    launch_kernel<wgmma_kernel<BITS, T>>(true, blocks, kThreads, smem, stream, "wgmma kernel launch", p);
+    constexpr size_t smem = wgmma_smem(Lut<BITS>::kBytes, TOKENS);
+    allow_dynamic_smem<wgmma_kernel<BITS, T, TOKENS>>(smem, "cudaFuncSetAttribute(wgmma_kernel)");
+    launch_kernel<wgmma_kernel<BITS, T, TOKENS>>(true, blocks, kThreads, smem, stream, "wgmma kernel launch", p);
     if (p.slices > 1) {
         const long long quads = static_cast<long long>(p.m) * p.n / 4;
         constexpr int kSumThreads = 256;
@@ -346,7 +372,7 @@ long long wgmma_workspace_bytes(int m, int n, int k) {
 
 void wgmma(void* out, const void* x, const KernelWeight& w, int m, DType dtype, void* workspace,
            cudaStream_t stream) {
-    if (m < 1 || m > std::numeric_limits<int>::max() - kTokens) {
+    if (m < 1 || m > std::numeric_limits<int>::max() - kMaxTokens) {
         throw std::invalid_argument("vllm_kbit.wgmma: M must be in 1..2^31 - 129");
     }
     const WgmmaSplit split = wgmma_split(m, w.n, w.k);
@@ -361,9 +387,15 @@ void wgmma(void* out, const void* x, const KernelWeight& w, int m, DType dtype, 
     check_cuda(cudaGetLastError(), "wgmma input order launch");
     const WgmmaParams p{static_cast<const uint4*>(w.qweight), static_cast<const uint4*>(w.absmax), w.scale,
                         codebook, x_mma, out, partial, m, w.n, w.k, k_groups(w.k), w.n / kTileRows,
-                        (m + kTokens - 1) / kTokens, split.slices, split.slice_tiles};
+                        (m + tokens_for(m) - 1) / tokens_for(m), split.slices, split.slice_tiles};
     with_bits_and_dtype(w.bits, dtype, [&](auto bits_constant, auto act) {
-        launch_wgmma<decltype(bits_constant)::value, decltype(act)>(p, split.blocks, stream);
+        constexpr int B = decltype(bits_constant)::value;
+        using T = decltype(act);
+        if (tokens_for(m) == 64) {
+            launch_wgmma<B, T, 64>(p, split.blocks, stream);
+        } else {
+            launch_wgmma<B, T, kMaxTokens>(p, split.blocks, stream);
+        }
     });
 }
 

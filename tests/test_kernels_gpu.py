@@ -7,6 +7,7 @@ import torch
 
 from gpu_kernels import DTYPE_CODES, kernels_or_skip
 from vllm_kbit import format as kf
+from vllm_kbit import ops  # also registers torch.ops.kbit
 
 _C = kernels_or_skip()
 pytestmark = pytest.mark.gpu
@@ -246,8 +247,6 @@ def test_quantize_on_gpu_equals_cpu(bits):
 @pytest.mark.parametrize("n,k", [(512, 2048), (4096, 4096), (12288, 4096)])
 def test_op_every_tier(n, k, m, dtype):
     # torch.ops.kbit.gemm picks the tier by M and shape inside the op: every tier must give the reference result.
-    from vllm_kbit import ops
-
     bits = 3
     t, codebook, qweight_tiled, absmax_tiled, reference = quantized(n, k, bits)
     x = torch.randn(m, k, dtype=dtype, device="cuda")

@@ -43,13 +43,15 @@ class Tier:
 # In priority order: for each M, the first tier that covers it and is usable (compiled, on this GPU, for this
 # weight) runs; dequant_cublas, last, covers every M. Measured on an H100 (benchmarks/kernel_experiments.md).
 GPU_TIERS = (
-    # Hopper only (wgmma is an sm_90a instruction, gone on Blackwell). Its cost is that of 128 tokens whatever M.
-    # At M = 33..64 (where mma runs 8 token tiles) it wins on large weights only (one standalone A/B run: Llama-3-8B
-    # gate_up 1.20x fp16 against mma's 0.97x, down 1.15x against 1.03x; qkv, 25M elements, even). At M = 65..256 it
-    # beats dequantize + cuBLAS on the MLP layers (bench_kernels, M = 128: 1.07-1.34x fp16 where that reaches
-    # 0.43-0.49x) and is about even with it on 4096 x 4096; below that, K-slices get too short for its fixed cost.
-    # At M = 512 and 1024 dequantize + cuBLAS is faster (257..511 not measured).
-    Tier("wgmma", 33, 64, 90, "fused dequant + Hopper warpgroup MMA", max_capability=90, min_weight=48 << 20),
+    # Hopper only (wgmma is an sm_90a instruction, gone on Blackwell). Its cost is that of 64 tokens up to M = 64,
+    # then of 128 per 128 tokens. At M = 33..64 (where mma runs 8 token tiles) it wins from Llama-3-8B qkv's 25M
+    # elements up (one standalone A/B run on an H100, k = 4 / k = 2, M = 33..64: qkv 0.91-1.03x / 1.01-1.17x fp16
+    # against mma's 0.80-0.96x / 0.78-0.98x, down 1.37-1.44x against 1.08-1.34x, 70B gate_up 1.52-1.53x against
+    # 1.14-1.28x); on 4096 x 4096 and smaller it is even or slower. At M = 65..256 it beats dequantize + cuBLAS on the
+    # MLP layers (bench_kernels, M = 128: 1.07-1.34x fp16 where that reaches 0.43-0.49x) and is about even with it on
+    # 4096 x 4096; below that, K-slices get too short for its fixed cost. At M = 512 and 1024 dequantize + cuBLAS is
+    # faster (257..511 not measured).
+    Tier("wgmma", 33, 64, 90, "fused dequant + Hopper warpgroup MMA", max_capability=90, min_weight=24 << 20),
     Tier("wgmma", 65, 256, 90, "fused dequant + Hopper warpgroup MMA", max_capability=90, min_weight=16 << 20),
     # The MMA kernel reads the weight once per launch of 64 tokens (16 for k = 2 and 4 on sm_86 / sm_89: less shared
     # memory); on an H100 two launches (M = 128) already lose to writing the dense weight once for cuBLAS.
