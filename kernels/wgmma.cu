@@ -8,12 +8,11 @@
 // and the table decode of mma_core.cuh feed it unchanged: each warp decodes one row tile (32 rows) per column tile,
 // its two 16-row halves feeding the warpgroup's two MMAs (rows of 4 row tiles, 128 outputs). Tokens are operand B,
 // read by the MMA from shared memory: TOKENS tokens x 16 inputs per step (wgmma N: 128, or 64 for M <= 64, where 128
-// would double the tensor-core work). The fragment of lane c holds inputs
-// 8 c .. 8 c + 7 of each 32-input block, so the MMA's input order within a block is a permutation of x's: logical
-// input 8 h + 2 c + u of step s is input 8 c + 4 s + 2 h + u (u = 0, 1), a 4 x 4 transpose of the block's 32-bit
-// words. A first launch writes x in that order (x_mma, a workspace); the main launch copies it with cp.async into the
-// MMA's layout (K-major, 128-byte swizzle: 64 inputs per 128-byte row, the 16-byte chunk index XOR the row mod 8),
-// four column tiles deep.
+// would double the tensor-core work). The fragment of lane c holds inputs 8 c .. 8 c + 7 of each 32-input block, so
+// the MMA's input order within a block is a permutation of x's: logical input 8 h + 2 c + u of step s is input
+// 8 c + 4 s + 2 h + u (u = 0, 1), a 4 x 4 transpose of the block's 32-bit words. A first launch writes x in that
+// order (x_mma, a workspace); the main launch copies it with cp.async into the MMA's layout (K-major, 128-byte
+// swizzle: 64 inputs per 128-byte row, the 16-byte chunk index XOR the row mod 8), four column tiles deep.
 //
 // Work split. A block (two warpgroups, 8 warps) computes 8 row tiles (256 outputs) x TOKENS tokens over one K-slice
 // of column tiles. Where there are fewer such blocks than multiprocessors, K is split (as long as the blocks still
@@ -47,12 +46,17 @@ __host__ __device__ constexpr int operand_bytes(int tokens) { return 2 * atom_by
 
 constexpr size_t wgmma_smem(int lut_bytes, int tokens) { return kAlign + kStages * operand_bytes(tokens) + lut_bytes; }
 
-// Tiles in flight per lane (the register ring): at 128 tokens as many as fit next to 128 accumulators and 16 A
-// registers without spills in the main loop (the epilogue's row addresses spill 56-72 bytes); at 64 tokens (64
-// accumulators) k = 3..5 take twice that or so, no spills: on an H100 k = 4 ran 1.03-1.16x faster at M = 33..64 on
-// the Llama-3 layers from qkv up (Qwen3-Next's 0.98-1.02x), while a deeper ring for k = 2 (6) was 0.97-1.01x.
+// Tiles in flight per lane (the register ring). At 128 tokens: as many as fit next to 128 accumulators and 16 A
+// registers without spills in the main loop (the epilogue's row addresses spill 56-72 bytes). At 64 tokens (64
+// accumulators) k = 4 takes 4 tiles (254 registers, no spills): on an H100 it ran 1.03-1.16x faster than with 2 at
+// M = 33..64 on the Llama-3 layers from qkv up (Qwen3-Next's 0.98-1.02x). k = 3 takes 4 and k = 5 (the largest
+// tiles) 3 by the same reasoning, not timed on their own; a ring of 6 for k = 2 ran 0.97-1.01x, so it keeps 4.
 template <int BITS, int TOKENS>
-constexpr int kWgmmaRingDepth = BITS == 2 ? 4 : TOKENS == kMaxTokens ? 2 : BITS == 5 ? 3 : 4;
+__host__ __device__ constexpr int wgmma_ring_depth() {
+    if (BITS == 2) return 4;
+    if (TOKENS == kMaxTokens) return 2;
+    return BITS == 5 ? 3 : 4;
+}
 
 struct WgmmaParams {
     const uint4* qweight;
@@ -162,7 +166,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
     const uint32_t unaligned = static_cast<uint32_t>(__cvta_generic_to_shared(smem_unaligned));
     const uint32_t operand = (unaligned + kAlign - 1) & ~uint32_t{kAlign - 1};  // [kStages][2 atoms][TOKENS][128 B]
     uint4* const lut = reinterpret_cast<uint4*>(smem_unaligned + (operand - unaligned) + kStages * kOperandBytes);
-    constexpr int R = kWgmmaRingDepth<BITS, TOKENS>;
+    constexpr int R = wgmma_ring_depth<BITS, TOKENS>();
 
     const int lane = threadIdx.x & 31, warp = __shfl_sync(~0u, threadIdx.x >> 5, 0);
     const int G = lane >> 2;

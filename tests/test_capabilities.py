@@ -25,8 +25,8 @@ def test_dense_plan_for_hopper():
         return caps.describe_tiers(caps.available_tiers(capability, COMPILED, n, k))
 
     assert plan(90, 28672, 4096) == "M=1..32: mma, M=33..256: wgmma, M=257..: dequant_cublas"  # Llama-3-8B gate_up
-    assert plan(90, 6144, 4096) == "M=1..32: mma, M=33..256: wgmma, M=257..: dequant_cublas"   # qkv: 25M elements
-    assert plan(90, 4096, 4096) == "M=1..64: mma, M=65..256: wgmma, M=257..: dequant_cublas"   # o: 16.8M elements
+    assert plan(90, 6144, 4096) == "M=1..32: mma, M=33..256: wgmma, M=257..: dequant_cublas"   # qkv: 24Mi elements
+    assert plan(90, 4096, 4096) == "M=1..64: mma, M=65..256: wgmma, M=257..: dequant_cublas"   # o: 16Mi elements
     # a small layer (Qwen3-Next kv), no weight given, or a GPU other than Hopper: no wgmma
     for args in ((90, 512, 2048), (90,), (80, 28672, 4096), (89, 28672, 4096), (100, 28672, 4096)):
         assert plan(*args) == "M=1..64: mma, M=65..: dequant_cublas", args

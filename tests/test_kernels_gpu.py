@@ -102,9 +102,10 @@ def run_wgmma(x, n, k, bits):
     return out
 
 
-# Every shape above (with and without K-slices), a Llama-3-8B down (K-slices of 14 column tiles); M: one token, one
-# token tile full and partly filled, several token tiles.
-@pytest.mark.parametrize("m", [1, 40, 128, 129, 300])
+# Every shape above (with and without K-slices), a Llama-3-8B down (K-slices of 14 column tiles); M: the 64-token
+# operand (M <= 64) with one token, partly filled and full, then the 128-token one partly filled, full, and over
+# several token tiles.
+@pytest.mark.parametrize("m", [1, 40, 64, 65, 128, 129, 300])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", kf.SUPPORTED_BITS)
 @pytest.mark.parametrize("n,k", SHAPES + [(4096, 14336)])

@@ -44,13 +44,13 @@ class Tier:
 # weight) runs; dequant_cublas, last, covers every M. Measured on an H100 (benchmarks/kernel_experiments.md).
 GPU_TIERS = (
     # Hopper only (wgmma is an sm_90a instruction, gone on Blackwell). Its cost is that of 64 tokens up to M = 64,
-    # then of 128 per 128 tokens. At M = 33..64 (where mma runs 8 token tiles) it wins from Llama-3-8B qkv's 25M
-    # elements up (one standalone A/B run on an H100, k = 4 / k = 2, M = 33..64: qkv 0.91-1.03x / 1.01-1.17x fp16
-    # against mma's 0.80-0.96x / 0.78-0.98x, down 1.37-1.44x against 1.08-1.34x, 70B gate_up 1.52-1.53x against
-    # 1.14-1.28x); on 4096 x 4096 and smaller it is even or slower. At M = 65..256 it beats dequantize + cuBLAS on the
-    # MLP layers (bench_kernels, M = 128: 1.07-1.34x fp16 where that reaches 0.43-0.49x) and is about even with it on
-    # 4096 x 4096; below that, K-slices get too short for its fixed cost. At M = 512 and 1024 dequantize + cuBLAS is
-    # faster (257..511 not measured).
+    # then of 128 per 128 tokens. At M = 33..64 (where mma runs 8 token tiles) it wins from Llama-3-8B qkv (6144 x
+    # 4096 = 24Mi elements) up: one standalone A/B run on an H100, k = 4, M = 33 / 48 / 64, speedup over fp16 (mma's
+    # in brackets): qkv 1.06 / 1.02 / 0.94x (0.93 / 0.88 / 0.80x), down 1.52 / 1.46 / 1.46x (1.32 / 1.22 / 1.08x),
+    # Llama-3-70B gate_up 1.76 / 1.73 / 1.70x (1.28 / 1.20 / 1.13x); on 4096 x 4096 and smaller it is even or slower.
+    # At M = 65..256 it beats dequantize + cuBLAS on the MLP layers (bench_kernels, M = 128: 1.07-1.31x fp16 where
+    # that reaches 0.43-0.49x) and is about even with it on 4096 x 4096; below that, K-slices get too short for its
+    # fixed cost. At M = 512 and 1024 dequantize + cuBLAS is faster (257..511 not measured).
     Tier("wgmma", 33, 64, 90, "fused dequant + Hopper warpgroup MMA", max_capability=90, min_weight=24 << 20),
     Tier("wgmma", 65, 256, 90, "fused dequant + Hopper warpgroup MMA", max_capability=90, min_weight=16 << 20),
     # The MMA kernel reads the weight once per launch of 64 tokens (16 for k = 2 and 4 on sm_86 / sm_89: less shared
