@@ -31,7 +31,8 @@ namespace {
 
 using namespace mma_core;
 
-constexpr int kMaxTokens = 128;                      // operand B rows (wgmma N) per block: 128, or 64 (tokens_for)
+constexpr int kMaxTokens = 128;                      // operand B rows (wgmma N) per block: this, or kFewTokens
+constexpr int kFewTokens = 64;                       // ... for M <= kFewTokens (tokens_for)
 constexpr int kWarps = 8;                            // two warpgroups, one row tile per warp
 constexpr int kThreads = kWarps * 32;
 constexpr int kRowBytes = 128;                       // one swizzled row: 64 inputs
@@ -39,7 +40,7 @@ constexpr int kStages = 4;                           // column tiles of x in sha
 constexpr int kAlign = 1024;                         // the swizzle repeats every 8 rows
 
 // Operand B tokens of a launch for M tokens.
-__host__ __device__ constexpr int tokens_for(int m) { return m <= 64 ? 64 : kMaxTokens; }
+__host__ __device__ constexpr int tokens_for(int m) { return m <= kFewTokens ? kFewTokens : kMaxTokens; }
 // Bytes of inputs 64 a .. 64 a + 63 of all tokens (an atom), of one column tile (128 inputs: two atoms).
 __host__ __device__ constexpr int atom_bytes(int tokens) { return tokens * kRowBytes; }
 __host__ __device__ constexpr int operand_bytes(int tokens) { return 2 * atom_bytes(tokens); }
@@ -124,11 +125,11 @@ __device__ __forceinline__ uint64_t operand_descriptor(uint32_t address) {
 template <typename T, int TOKENS>
 __device__ __forceinline__ void wgmma_m64k16(float (&d)[TOKENS / 2], const uint32_t (&a)[4], uint64_t desc) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    static_assert(TOKENS == 64 || TOKENS == 128, "wgmma N: 64 or 128 tokens");
+    static_assert(TOKENS == kFewTokens || TOKENS == kMaxTokens, "wgmma N: 64 or 128 tokens");
     constexpr bool kHalf = std::is_same_v<T, __half>;
-    if constexpr (TOKENS == 128 && kHalf) {
+    if constexpr (TOKENS == kMaxTokens && kHalf) {
         KBIT_WGMMA_M64N128K16("f16");
-    } else if constexpr (TOKENS == 128) {
+    } else if constexpr (TOKENS == kMaxTokens) {
         KBIT_WGMMA_M64N128K16("bf16");
     } else if constexpr (kHalf) {
         KBIT_WGMMA_M64N64K16("f16");
@@ -324,7 +325,7 @@ __global__ void sum_slices_kernel(void* out, const float4* partial, long long qu
 }
 
 struct WgmmaSplit {
-    int slices, slice_tiles, blocks;
+    int token_tiles, slices, slice_tiles, blocks;
 };
 
 // K-slices: the split cost of the MMA tier, rounds (blocks / multiprocessors, rounded up) x (column tiles per slice
@@ -333,7 +334,7 @@ struct WgmmaSplit {
 WgmmaSplit wgmma_split(int m, int n, int k) {
     const int groups = k_groups(k), rowblocks = (n / kTileRows + kWarps - 1) / kWarps;
     const int token_tiles = (m + tokens_for(m) - 1) / tokens_for(m), sms = multiprocessors();
-    WgmmaSplit best{1, groups, rowblocks * token_tiles};
+    WgmmaSplit best{token_tiles, 1, groups, rowblocks * token_tiles};
     double best_cost = static_cast<double>((best.blocks + sms - 1) / sms) * (groups + 1.0);
     for (int slices = 2; slices <= groups; slices *= 2) {
         const int slice_tiles = (groups + slices - 1) / slices;
@@ -341,7 +342,7 @@ WgmmaSplit wgmma_split(int m, int n, int k) {
         const int blocks = rowblocks * token_tiles * used;
         if (blocks > sms) break;
         const double cost = slice_tiles + 1.0;
-        if (cost < best_cost) best = {used, slice_tiles, blocks}, best_cost = cost;
+        if (cost < best_cost) best = {token_tiles, used, slice_tiles, blocks}, best_cost = cost;
     }
     return best;
 }
@@ -391,12 +392,12 @@ void wgmma(void* out, const void* x, const KernelWeight& w, int m, DType dtype, 
     check_cuda(cudaGetLastError(), "wgmma input order launch");
     const WgmmaParams p{static_cast<const uint4*>(w.qweight), static_cast<const uint4*>(w.absmax), w.scale,
                         codebook, x_mma, out, partial, m, w.n, w.k, k_groups(w.k), w.n / kTileRows,
-                        (m + tokens_for(m) - 1) / tokens_for(m), split.slices, split.slice_tiles};
+                        split.token_tiles, split.slices, split.slice_tiles};
     with_bits_and_dtype(w.bits, dtype, [&](auto bits_constant, auto act) {
         constexpr int B = decltype(bits_constant)::value;
         using T = decltype(act);
-        if (tokens_for(m) == 64) {
-            launch_wgmma<B, T, 64>(p, split.blocks, stream);
+        if (tokens_for(m) == kFewTokens) {
+            launch_wgmma<B, T, kFewTokens>(p, split.blocks, stream);
         } else {
             launch_wgmma<B, T, kMaxTokens>(p, split.blocks, stream);
         }
