@@ -3,7 +3,8 @@
 // activation dtype as a code (0 = fp16, 1 = bf16), so one build serves any torch version. qweight / absmax are in
 // the kernel layout (vllm_kbit.format.to_kernel_layout). The codebook (fp32 [2^bits]) is the one host pointer: its
 // values are read at the call and passed to the kernels by value (kbit_ops.h Codebook). Arguments are validated
-// here; invalid ones raise ValueError, CUDA failures RuntimeError. No call synchronizes or allocates, so all can be captured in CUDA graphs.
+// here; invalid ones raise ValueError, CUDA failures RuntimeError. No call synchronizes or allocates, so all can be
+// captured in CUDA graphs.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
