@@ -295,19 +295,32 @@ __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32
     // so for k = 2 at NT = 1, where the decode is cheapest and the FFMAs weigh most (3-9% faster on an H100).
     constexpr bool kScaleWeights = NT >= 2 || BITS == 2;
     constexpr float kZero[4] = {0.f, 0.f, 0.f, 0.f};
-    // No branch between the blocks, so that the compiler can overlap one block's lookups with another's MMAs: K
-    // padding blocks multiply zero activations (and have absmax 0).
-#pragma unroll
-    for (int b = 0; b < kTileBlocks; ++b) {
+    // B fragments of block b: token G + 8 nt, inputs 8 c .. 8 c + 7 (steps s = 0, 1 take halves).
+    const auto load_x = [&](int b, uint4 (&xf)[NT]) {
         const bool inside = kt * kTileK + b * kBlockSize < p.k;
-        // B fragments: token G + 8 nt, inputs 8 c .. 8 c + 7 of the block (steps s = 0, 1 take halves)
-        uint4 xf[NT];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
             xf[nt] = inside && (!kCheckedTokens<BITS, NT> || x_lane[nt] != nullptr)
                          ? __ldg(x_lane[nt] + kt * (kTileK / 8) + b * (kBlockSize / 8))
                          : make_uint4(0, 0, 0, 0);
         }
+    };
+    // Loaded per block, or for NT = 4 (a ring of one tile: little else in flight) all four blocks up front, so that
+    // their latencies overlap: at M = 32, k = 4, 1.01-1.10x on the Llama-3 layers (gate_up 1.09-1.10x; two runs on
+    // two H100s), 0.99-1.04x at k = 2 and on Qwen3-Next's. Up front at every NT ran 0.92-0.96x on some layers at
+    // M = 16 and 64 (benchmarks/kernel_experiments.md).
+    constexpr int kUpfront = NT == 4 ? kTileBlocks : 1;
+    uint4 x_tile[kUpfront][NT];
+    if constexpr (kUpfront > 1) {
+#pragma unroll
+        for (int b = 0; b < kTileBlocks; ++b) load_x(b, x_tile[b]);
+    }
+    // No branch between the blocks, so that the compiler can overlap one block's lookups with another's MMAs: K
+    // padding blocks multiply zero activations (and have absmax 0).
+#pragma unroll
+    for (int b = 0; b < kTileBlocks; ++b) {
+        if constexpr (kUpfront == 1) load_x(b, x_tile[0]);
+        const uint4(&xf)[NT] = x_tile[kUpfront > 1 ? b : 0];
         uint32_t h01, h23;
         block_absmax_pairs(codes, b, h01, h23);
 
