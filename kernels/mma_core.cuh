@@ -47,9 +47,9 @@ constexpr int kMaxTokenTiles = 8;
 constexpr int kMaxLaunchTokens = 8 * kMaxTokenTiles;
 __host__ __device__ constexpr int token_tiles(int m) { return m <= 8 ? 1 : m <= 16 ? 2 : m <= 32 ? 4 : 8; }
 // Warps per block for NT token tiles. A block runs alone on its multiprocessor; 16 warps hide latency best, but
-// they leave 128 registers per thread: NT = 4 (32 accumulators and 16 B-fragment registers per lane) fits with a
-// ring of one tile and spills a few bytes (3-23% faster than 8 warps with a ring of four on an H100); NT = 8 would
-// spill hundreds of bytes (35% slower), so it runs 8 warps.
+// they leave 128 registers per thread: NT = 4 (32 accumulators, and 64 registers of B fragments: a column tile's,
+// accumulate_tile) fits with a ring of one tile (k = 2 spills a few bytes; 3-23% faster than 8 warps with a ring of
+// four on an H100); NT = 8 would spill hundreds of bytes (35% slower), so it runs 8 warps.
 __host__ __device__ constexpr int block_warps(int nt) { return nt <= 4 ? 16 : 8; }
 // Floats per (warp, token) row of the partial sums: 32 rows + 1 (at most 2 lanes of a warp store to one bank).
 constexpr int kPartialStride = kTileRows + 1;
@@ -306,9 +306,9 @@ __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32
         }
     };
     // Loaded per block, or for NT = 4 (a ring of one tile: little else in flight) all four blocks up front, so that
-    // their latencies overlap: at M = 32, k = 4, 1.01-1.10x on the Llama-3 layers (gate_up 1.09-1.10x; two runs on
-    // two H100s), 0.99-1.04x at k = 2 and on Qwen3-Next's. Up front at every NT ran 0.92-0.96x on some layers at
-    // M = 16 and 64 (benchmarks/kernel_experiments.md).
+    // their latencies overlap: at M = 32, k = 4, 1.01-1.10x on the Llama-3 layers (Llama-3-8B gate_up 1.09-1.10x;
+    // two runs on two H100s), 0.98-1.04x at k = 2 and on Qwen3-Next's. Up front at every NT ran 0.92-0.96x on some
+    // layers at M = 16 and 64 (benchmarks/kernel_experiments.md).
     constexpr int kUpfront = NT == 4 ? kTileBlocks : 1;
     uint4 x_tile[kUpfront][NT];
     if constexpr (kUpfront > 1) {
