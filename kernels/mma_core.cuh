@@ -309,9 +309,9 @@ __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32
     // their latencies overlap: at M = 32, k = 4, 1.01-1.10x on the Llama-3 layers (Llama-3-8B gate_up 1.09-1.10x;
     // two runs on two H100s), 0.98-1.04x at k = 2 and on Qwen3-Next's. Up front at every NT ran 0.92-0.96x on some
     // layers at M = 16 and 64 (benchmarks/kernel_experiments.md).
-    constexpr int kUpfront = NT == 4 ? kTileBlocks : 1;
-    uint4 x_tile[kUpfront][NT];
-    if constexpr (kUpfront > 1) {
+    constexpr bool kUpfront = NT == 4;
+    uint4 x_tile[kTileBlocks][NT];  // unrolled: per block, registers only while that block's fragments are live
+    if constexpr (kUpfront) {
 #pragma unroll
         for (int b = 0; b < kTileBlocks; ++b) load_x(b, x_tile[b]);
     }
@@ -319,8 +319,8 @@ __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32
     // padding blocks multiply zero activations (and have absmax 0).
 #pragma unroll
     for (int b = 0; b < kTileBlocks; ++b) {
-        if constexpr (kUpfront == 1) load_x(b, x_tile[0]);
-        const uint4(&xf)[NT] = x_tile[kUpfront > 1 ? b : 0];
+        if constexpr (!kUpfront) load_x(b, x_tile[b]);
+        const uint4(&xf)[NT] = x_tile[b];
         uint32_t h01, h23;
         block_absmax_pairs(codes, b, h01, h23);
 

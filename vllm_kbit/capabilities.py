@@ -49,8 +49,10 @@ GPU_TIERS = (
     # in brackets): qkv 1.06 / 1.02 / 0.94x (0.93 / 0.88 / 0.80x), down 1.52 / 1.46 / 1.46x (1.32 / 1.22 / 1.08x),
     # Llama-3-70B gate_up 1.76 / 1.73 / 1.70x (1.28 / 1.20 / 1.13x); on 4096 x 4096 and smaller it is even or slower.
     # At M = 65..256 it beats dequantize + cuBLAS on the MLP layers (bench_kernels, M = 128: 1.07-1.31x fp16 where
-    # that reaches 0.43-0.49x) and is about even with it on 4096 x 4096; below that, K-slices get too short for its
-    # fixed cost. At M = 512 and 1024 dequantize + cuBLAS is faster (257..511 not measured).
+    # that reaches 0.43-0.52x) and is about even with it on 4096 x 4096; below that, K-slices get too short for its
+    # fixed cost. From M = 257 it costs what it costs at 384 (three 128-token tiles): there it is even with
+    # dequantize + cuBLAS on gate_up and slower on the other layers; at 1024, slower everywhere (0.65-0.93x;
+    # benchmarks/kernel_experiments.md, session 11).
     Tier("wgmma", 33, 64, 90, "fused dequant + Hopper warpgroup MMA", max_capability=90, min_weight=24 << 20),
     Tier("wgmma", 65, 256, 90, "fused dequant + Hopper warpgroup MMA", max_capability=90, min_weight=16 << 20),
     # The MMA kernel reads the weight once per launch of 64 tokens (16 for k = 2 and 4 on sm_86 / sm_89: less shared
