@@ -21,9 +21,11 @@ CUDA graphs are captured up to 128 tokens and all runs of one format share one t
 prompts -- enough for every target.
 
 latency: for each batch size B, `vllm bench latency --batch-size B --input-len 128` twice, with --output-len
-256 and with --output-len 1, default compilation (torch.compile + CUDA graphs). Latency L is the mean over
-the timed iterations of generating one batch. Recorded: tpot_ms = (L(256) - L(1)) / 255 (the decode step,
-prefill excluded), ttft_ms = L(1) (prefill of the batch plus one token), output_tok_s = B * 256 / L(256).
+256 and with --output-len 1, default compilation (torch.compile + CUDA graphs). All runs of a format share one
+engine (VLLM_LATENCY_RUNS): vLLM's latency benchmark, unchanged, runs once per (B, output length) in one
+process. Latency L is the mean over the timed iterations of generating one batch. Recorded: tpot_ms =
+(L(256) - L(1)) / 255 (the decode step, prefill excluded), ttft_ms = L(1) (prefill of the batch plus one
+token), output_tok_s = B * 256 / L(256).
 For kbit4 the batch-1 pair also runs with --enforce-eager (mode "latency_eager"): its TPOT minus the graphed
 one is the host time per decode step that CUDA graphs hide.
 
@@ -141,6 +143,26 @@ VLLM_BENCH = ("import importlib, sys\n"
               "parser = FlexibleArgumentParser()\n"
               "bench.add_cli_args(parser)\n"
               "bench.main(parser.parse_args(sys.argv[2:]))\n")
+# `vllm bench latency` once per run in argv[1] (a JSON list of extra arguments), all on one engine: vLLM's
+# latency main as above, with LLM.from_engine_args returning the engine that the first run built (its engine
+# arguments are the same in every run). A vLLM engine start costs about 100 s on the GPU machines (imports,
+# engine process, compile cache, graph capture): six of them per format cost more than the measurements.
+VLLM_LATENCY_RUNS = ("import json, sys\n"
+                     "from vllm import LLM\n"
+                     "from vllm.benchmarks import latency\n"
+                     "from vllm.entrypoints.serve.utils.api_utils import cli_env_setup\n"
+                     "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+                     "engines, build = [], LLM.from_engine_args\n"
+                     "def one_engine(cls, engine_args, **kwargs):\n"
+                     "    if not engines:\n"
+                     "        engines.append(build(engine_args, **kwargs))\n"
+                     "    return engines[0]\n"
+                     "LLM.from_engine_args = classmethod(one_engine)\n"
+                     "cli_env_setup()\n"
+                     "parser = FlexibleArgumentParser()\n"
+                     "latency.add_cli_args(parser)\n"
+                     "for run in json.loads(sys.argv[1]):\n"
+                     "    latency.main(parser.parse_args(sys.argv[2:] + run))\n")
 GPTQ_KERNEL_LOG = re.compile(r"Using (\w+) for AutoGPTQLinearMethod")
 
 
@@ -322,32 +344,36 @@ class VllmServer:
 # ---------------------------------------------------------------------------------------------------
 
 
-def bench_latency(model: Path, batch: int, output_len: int, eager: bool, fmt: Format, args, gpu: str) -> float:
-    """Mean seconds of one `vllm bench latency` batch."""
-    tag = f"{args.shape}-{fmt.name}-b{batch}-out{output_len}{'-eager' if eager else ''}"
-    result = args.work_dir / "raw" / f"latency-{tag}.json"
+def bench_latency(model: Path, runs: list[tuple[int, int]], eager: bool, fmt: Format, args,
+                  gpu: str) -> dict[tuple[int, int], float]:
+    """Mean seconds of one `vllm bench latency` batch for each (batch size, output length) in runs."""
+    tag = f"{args.shape}-{fmt.name}{'-eager' if eager else ''}"
+    results = {run: args.work_dir / "raw" / f"latency-{tag}-b{run[0]}-out{run[1]}.json" for run in runs}
     warmup, iters = args.levels.latency_iters
-    cmd = [sys.executable, "-c", VLLM_BENCH, "latency", "--model", str(model), "--input-len", str(args.input_len),
-           "--output-len", str(output_len), "--batch-size", str(batch), "--num-iters-warmup", str(warmup),
-           "--num-iters", str(iters), "--disable-detokenize", "--output-json", str(result),
-           "--max-num-seqs", str(engine_max_num_seqs(args.levels))]
+    per_run = [["--batch-size", str(batch), "--output-len", str(output_len), "--output-json", str(result)]
+               for (batch, output_len), result in results.items()]
+    cmd = [sys.executable, "-c", VLLM_LATENCY_RUNS, json.dumps(per_run), "--model", str(model),
+           "--input-len", str(args.input_len), "--num-iters-warmup", str(warmup), "--num-iters", str(iters),
+           "--disable-detokenize", "--max-num-seqs", str(engine_max_num_seqs(args.levels))]
     if eager:
         cmd.append("--enforce-eager")
-    result.parent.mkdir(parents=True, exist_ok=True)
-    result.unlink(missing_ok=True)
+    for result in results.values():
+        result.parent.mkdir(parents=True, exist_ok=True)
+        result.unlink(missing_ok=True)
     log_path = args.work_dir / "logs" / f"latency-{tag}.log"
-    run_logged(cmd + args.vllm_args, vllm_env(fmt), log_path, args.timeout)
+    run_logged(cmd + args.vllm_args, vllm_env(fmt), log_path, args.timeout * len(runs))
     check_gptq_kernel(fmt, log_path, gpu)
-    return json.loads(result.read_text())["avg_latency"]
+    return {run: json.loads(result.read_text())["avg_latency"] for run, result in results.items()}
 
 
 def measure_latency(fmt: Format, model: Path, args, gpu: str) -> None:
     eager = fmt.name in EAGER_FORMATS and not args.no_eager
-    modes = [("latency", False)] + ([("latency_eager", True)] if eager else [])
-    for mode, eager in modes:
-        for batch in args.levels.batch_sizes if not eager else (1,):
-            full = bench_latency(model, batch, args.output_len, eager, fmt, args, gpu)
-            first = bench_latency(model, batch, 1, eager, fmt, args, gpu)
+    modes = [("latency", False, args.levels.batch_sizes)] + ([("latency_eager", True, (1,))] if eager else [])
+    for mode, eager, batch_sizes in modes:
+        latency = bench_latency(model, [(b, n) for b in batch_sizes for n in (args.output_len, 1)], eager, fmt,
+                                args, gpu)
+        for batch in batch_sizes:
+            full, first = latency[batch, args.output_len], latency[batch, 1]
             record = make_record(args, gpu, fmt, mode, batch, tpot_ms=(full - first) / (args.output_len - 1) * 1e3,
                                  ttft_ms=first * 1e3, output_tok_s=batch * args.output_len / full)
             save_record(record, args)
@@ -614,7 +640,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float16", help="every checkpoint's 16-bit dtype")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=256)
-    parser.add_argument("--timeout", type=float, default=600, help="seconds for each vLLM command or server start")
+    parser.add_argument("--timeout", type=float, default=600,
+                        help="seconds for each vLLM server start, `bench serve` level or latency run")
     parser.add_argument("--vllm-args", type=shlex.split, default=[],
                         help="extra engine options for every vLLM run, e.g. --vllm-args='--enforce-eager'")
     parser.add_argument("--no-eager", action="store_true",
