@@ -593,7 +593,8 @@ def render(records: list[dict], json_path: Path) -> str:
     res = Results(records)
     png_path, md_path = json_path.with_suffix(".png"), json_path.with_suffix(".md")
     drawn = plot_results(res, png_path)
-    parts = [f"# Serving benchmark: {res.gpu}", ""] + ([f"![TPOT and output tokens/s]({png_path.name})", ""]
+    # The file's name, not only the GPU: a GPU can have several records files (runs on other machines).
+    parts = [f"# Serving benchmark: {json_path.stem.removeprefix('serve-')}", ""] + ([f"![TPOT and output tokens/s]({png_path.name})", ""]
                                                      if drawn else [])
     text = [f"Serving benchmark on {res.gpu}"]
     for title, header, rows, note in sections(res):
