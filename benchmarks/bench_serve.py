@@ -21,11 +21,12 @@ CUDA graphs are captured up to 128 tokens and all runs of one format share one t
 prompts -- enough for every target.
 
 latency: for each batch size B, `vllm bench latency --batch-size B --input-len 128` twice, with --output-len
-256 and with --output-len 1, default compilation (torch.compile + CUDA graphs). All runs of a format share one
-engine (VLLM_LATENCY_RUNS): vLLM's latency benchmark, unchanged, runs once per (B, output length) in one
-process. Latency L is the mean over the timed iterations of generating one batch. Recorded: tpot_ms =
-(L(256) - L(1)) / 255 (the decode step, prefill excluded), ttft_ms = L(1) (prefill of the batch plus one
-token), output_tok_s = B * 256 / L(256).
+256 and with --output-len 1, default compilation (torch.compile + CUDA graphs). The runs of a format and mode
+share one engine (VLLM_LATENCY_RUNS): vLLM's latency benchmark, unchanged, runs once per (B, output length) in
+one process, whose records are written when it has finished (if it fails, its finished runs' results stay in
+--work-dir/raw, unrecorded). Latency L is the mean over the timed iterations of generating one batch.
+Recorded: tpot_ms = (L(256) - L(1)) / 255 (the decode step, prefill excluded), ttft_ms = L(1) (prefill of the
+batch plus one token), output_tok_s = B * 256 / L(256).
 For kbit4 the batch-1 pair also runs with --enforce-eager (mode "latency_eager"): its TPOT minus the graphed
 one is the host time per decode step that CUDA graphs hide.
 
@@ -38,12 +39,14 @@ GPTQ: "gptq-machete" runs vLLM's default kernel choice, "gptq-marlin" sets
 VLLM_DISABLED_KERNELS=MacheteLinearKernel; on a GPU the kernel vLLM logs must be the one the format names.
 
 Records {"gpu", "model", "format", "mode", "concurrency", "tpot_ms", "ttft_ms", "output_tok_s"} (concurrency
-is the batch size in the latency modes) go to --out/serve-<gpu>.json, written after every measurement (a
-re-measured point replaces the old one); serve-<gpu>.png (TPOT and output tokens/s vs concurrency) and
-serve-<gpu>.md (ratios vs fp16, targets) are rendered next to it at the end of every invocation.
+is the batch size in the latency modes) go to --out/serve-<gpu>.json, written after every measurement (serve:
+every level; latency: every format and mode; a re-measured point replaces the old one); serve-<gpu>.png (TPOT
+and output tokens/s vs concurrency) and serve-<gpu>.md (ratios vs fp16, targets) are rendered next to it at the
+end of every invocation.
 
-vLLM's `bench latency` and `bench serve` run through a one-line shim (VLLM_BENCH) that does what the `vllm`
-script's subcommands do; the `vllm` script itself crashes on vLLM's CPU build, which this also runs on.
+vLLM's `bench serve` runs through a one-line shim (VLLM_BENCH) that does what the `vllm` script's subcommand
+does, and `bench latency` through VLLM_LATENCY_RUNS (above); the `vllm` script itself crashes on vLLM's CPU
+build, which this also runs on.
 """
 
 from __future__ import annotations
@@ -574,6 +577,11 @@ def plot_results(res: Results, png_path: Path) -> bool:
                         name = fmt if series_mode == mode else f"{fmt} --enforce-eager"
                         ax.plot(*zip(*points), style, color=colors(i), label=name, markersize=5 if style == "-o" else 9)
             ax.set_xscale("log", base=2)
+            low, high = ax.get_ylim()
+            if low > 0 and high / low > 4:  # the eager TPOT, ~8x the graphed ones, would flatten them on a linear axis
+                ax.set_yscale("log")
+                for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                    axis_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 3, 4, 6, 10, 20: not 2 x 10^1
             levels = res.levels(model, mode)
             ax.set_xticks(levels, [str(u) for u in levels])
             ax.set_xlabel("concurrent users" if mode == "serve" else "batch size")
@@ -581,7 +589,7 @@ def plot_results(res: Results, png_path: Path) -> bool:
             ax.set_title(f"{model}, {mode}: {label}", fontsize=10)
             ax.grid(True, alpha=0.3)
         axes[row][0].legend(fontsize=8)
-    fig.suptitle(f"vLLM serving benchmark on {res.gpu}", fontsize=11)
+    fig.suptitle(f"vLLM serving benchmark: {png_path.stem.removeprefix('serve-')}", fontsize=11)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
@@ -593,10 +601,10 @@ def render(records: list[dict], json_path: Path) -> str:
     res = Results(records)
     png_path, md_path = json_path.with_suffix(".png"), json_path.with_suffix(".md")
     drawn = plot_results(res, png_path)
-    # The file's name, not only the GPU: a GPU can have several records files (runs on other machines).
-    parts = [f"# Serving benchmark: {json_path.stem.removeprefix('serve-')}", ""] + ([f"![TPOT and output tokens/s]({png_path.name})", ""]
-                                                     if drawn else [])
-    text = [f"Serving benchmark on {res.gpu}"]
+    # Titled by the file's name, not only the GPU: a GPU can have several records files (runs on other machines).
+    title = f"Serving benchmark: {json_path.stem.removeprefix('serve-')}"
+    parts = [f"# {title}", ""] + ([f"![TPOT and output tokens/s]({png_path.name})", ""] if drawn else [])
+    text = [title]
     for title, header, rows, note in sections(res):
         parts += [f"## {title}", "", plot.markdown_table(header, rows) if rows else "(no data)", ""]
         parts += [note, ""] if note else []

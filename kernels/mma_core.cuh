@@ -298,14 +298,16 @@ __device__ __forceinline__ void accumulate_tile(const MmaParams& p, const uint32
     // B fragments of block b: token G + 8 nt, inputs 8 c .. 8 c + 7 (steps s = 0, 1 take halves). For NT <= 2 the
     // column tile's address is formed once (as an integer: x_lane[nt] may be null), so that each block's load
     // takes a constant offset from it instead of its own 64-bit address arithmetic: on an H100 the MoE experts ran
-    // 1.01-1.03x at M = 1..16, dense layers 1.00-1.03x at M = 1 and even at M = 8..16. At NT >= 4 the extra
+    // 1.01-1.03x at M = 1..16, dense layers 1.00-1.03x at M = 1 and broke even at M = 8..16. At NT >= 4 the extra
     // pointers spill (benchmarks/kernel_experiments.md).
     constexpr bool kColumnBase = NT <= 2;
     const uint4* x_column[NT];
+    if constexpr (kColumnBase) {
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        x_column[nt] = reinterpret_cast<const uint4*>(reinterpret_cast<uintptr_t>(x_lane[nt]) +
-                                                      static_cast<uintptr_t>(kt) * kTileK * sizeof(T));
+        for (int nt = 0; nt < NT; ++nt) {
+            x_column[nt] = reinterpret_cast<const uint4*>(reinterpret_cast<uintptr_t>(x_lane[nt]) +
+                                                          static_cast<uintptr_t>(kt) * kTileK * sizeof(T));
+        }
     }
     const auto load_x = [&](int b, uint4 (&xf)[NT]) {
         const bool inside = kt * kTileK + b * kBlockSize < p.k;
