@@ -602,9 +602,9 @@ def render(records: list[dict], json_path: Path) -> str:
     png_path, md_path = json_path.with_suffix(".png"), json_path.with_suffix(".md")
     drawn = plot_results(res, png_path)
     # Titled by the file's name, not only the GPU: a GPU can have several records files (runs on other machines).
-    title = f"Serving benchmark: {json_path.stem.removeprefix('serve-')}"
-    parts = [f"# {title}", ""] + ([f"![TPOT and output tokens/s]({png_path.name})", ""] if drawn else [])
-    text = [title]
+    page_title = f"Serving benchmark: {json_path.stem.removeprefix('serve-')}"
+    parts = [f"# {page_title}", ""] + ([f"![TPOT and output tokens/s]({png_path.name})", ""] if drawn else [])
+    text = [page_title]
     for title, header, rows, note in sections(res):
         parts += [f"## {title}", "", plot.markdown_table(header, rows) if rows else "(no data)", ""]
         parts += [note, ""] if note else []
