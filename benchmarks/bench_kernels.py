@@ -7,7 +7,9 @@ Method (shared reference kernel-anchors.md, sections 8 and 10): GPU time per cal
 graph calls the op R times, rotating over copies of the weight whose total size exceeds twice the L2 cache, so
 every call streams its weight from HBM (as in decoding, where each layer's weight is read once per step); the
 per-call time is the median over REPEATS replays of elapsed / R, after WARMUP_MS of untimed replays. Inputs
-are torch.randn. Every kbit configuration (and every Marlin / bnb one) is checked against an fp32 reference
+are torch.randn. Every layer is timed at the decode sizes (M <= DECODE_MAX_M) first, then all layers again at the
+larger M: after a compute-heavy configuration the GPU runs at lower clocks for a while, which the decode kernels
+(bound by instruction issue, not by HBM) would inherit (see DECODE_MAX_M). Every kbit configuration (and every Marlin / bnb one) is checked against an fp32 reference
 before it is timed; a wrong kbit result aborts the run. Also measures the eager host overhead of one kbit call at M=1.
 
 Impls: ``kbit`` (k = 2..5, random weights quantized with vllm_kbit.format.quantize), ``fp16`` (cuBLAS via
@@ -74,6 +76,11 @@ SHAPES = (
 QUICK_FAMILIES = ("Llama-3-8B", "Qwen3-Next")
 M_FULL = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
 M_QUICK = (1, 4, 16, 64, 256)
+# The sweep's first pass takes M up to this, the second pass the rest. On an H100, with one pass per layer (M
+# ascending, fp16 then bf16), a kbit M = 1 run that followed an M = 1024 one ran up to 1.19x slower than the same
+# run a few configurations later (Llama-3-70B gate_up, k = 2: 75.9 against 63.9 µs); the first records of this
+# benchmark had bf16 at M = 1 slower than at M = 2 on the largest layers for that reason.
+DECODE_MAX_M = 64
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 EAGER_SHAPE = "Llama-3-8B o"  # where the eager host overhead is measured (else the first selected shape)
 
@@ -332,13 +339,14 @@ class Settings:
     eager_shape: str
 
 
-def bench_case(case: Case, shape: Shape, dtype: str, settings: Settings, writer: RecordWriter) -> None:
-    """Check (unless the case is the cuBLAS ruler) and time one case at every M; one progress line."""
+def bench_case(case: Case, shape: Shape, dtype: str, ms: tuple[int, ...], device: torch.device,
+               writer: RecordWriter) -> None:
+    """Check (unless the case is the cuBLAS ruler) and time one case at each of `ms`; one progress line."""
     name = case.impl + (f" k={case.bits}" if case.bits else "")
     print(f"  {shape.label:<20} {dtype} {name:<12} R={calls_per_graph(case.copies):<4}", end="", flush=True)
     try:
-        for m in settings.ms:
-            x = torch.randn(m, shape.k, device=settings.device, dtype=DTYPES[dtype])
+        for m in ms:
+            x = torch.randn(m, shape.k, device=device, dtype=DTYPES[dtype])
             if case.reference is not None:
                 check(case, x, f"{shape.label} {dtype} {name} M={m}")
             us = graph_us(case, x)
@@ -351,12 +359,14 @@ def bench_case(case: Case, shape: Shape, dtype: str, settings: Settings, writer:
         writer.flush()
 
 
-def bench_shape(shape: Shape, settings: Settings, baselines: dict, writer: RecordWriter) -> None:
+def bench_shape(shape: Shape, settings: Settings, ms: tuple[int, ...], baselines: dict,
+                writer: RecordWriter) -> None:
+    """Every impl, k and dtype of one layer at each of `ms` (and the eager host overhead, in the pass with M = 1)."""
     device, l2 = settings.device, settings.l2_bytes
-    eager = shape.label == settings.eager_shape
+    eager = shape.label == settings.eager_shape and 1 in ms
     for dtype in settings.dtypes:  # first: the speedups printed for the others need it
         case = fp16_case(shape, DTYPES[dtype], l2, device)
-        bench_case(case, shape, dtype, settings, writer)
+        bench_case(case, shape, dtype, ms, device, writer)
         if eager and dtype == "fp16":
             x = torch.randn(1, shape.k, device=device, dtype=torch.float16)
             writer.add(shape, 1, None, dtype, "fp16_eager_host", eager_host_us(functools.partial(case.run, x, 0)))
@@ -364,7 +374,7 @@ def bench_shape(shape: Shape, settings: Settings, baselines: dict, writer: Recor
     for bits in settings.bits:
         case = kbit_case(shape, bits, l2, device)
         for dtype in settings.dtypes:
-            bench_case(case, shape, dtype, settings, writer)  # WrongResult propagates: the run aborts
+            bench_case(case, shape, dtype, ms, device, writer)  # WrongResult propagates: the run aborts
         if eager:
             x = torch.randn(1, shape.k, device=device, dtype=torch.float16)
             writer.add(shape, 1, bits, "fp16", "kbit_eager_host", eager_host_us(functools.partial(case.run, x, 0)))
@@ -374,7 +384,7 @@ def bench_shape(shape: Shape, settings: Settings, baselines: dict, writer: Recor
         for dtype in settings.dtypes:
             try:
                 case = build(shape, DTYPES[dtype], l2, device, handle)
-                bench_case(case, shape, dtype, settings, writer)
+                bench_case(case, shape, dtype, ms, device, writer)
             except Exception as e:  # a broken baseline must not cost the kbit numbers of a one-shot run
                 print(f"  !!! SKIPPED {impl} {shape.label} {dtype}: {e!r}", flush=True)
             case = None  # free its weights before the next one is built
@@ -441,16 +451,18 @@ def main() -> None:
           f"impls fp16 kbit {' '.join(baselines)}; records -> {json_path}", flush=True)
 
     started = time.perf_counter()
+    passes = [tuple(m for m in settings.ms if m <= DECODE_MAX_M), tuple(m for m in settings.ms if m > DECODE_MAX_M)]
     with torch.no_grad():
-        for i, shape in enumerate(args.shapes):
-            plan = capabilities.describe_tiers(kops.tiers_for_device(device.index, shape.n, shape.k))
-            print(f"[{time.perf_counter() - started:6.1f} s] {shape.label} (K={shape.k}, N={shape.n}), "
-                  f"layer {i + 1}/{len(args.shapes)}; kbit tiers {plan}", flush=True)
-            try:
-                bench_shape(shape, settings, baselines, writer)
-            except WrongResult as e:
-                sys.exit(f"\n!!! KBIT RESULT WRONG, run aborted: {e}\n"
-                         f"!!! records so far are in {json_path}")
+        for ms in filter(None, passes):
+            for i, shape in enumerate(args.shapes):
+                plan = capabilities.describe_tiers(kops.tiers_for_device(device.index, shape.n, shape.k))
+                print(f"[{time.perf_counter() - started:6.1f} s] {shape.label} (K={shape.k}, N={shape.n}), "
+                      f"layer {i + 1}/{len(args.shapes)}, M {ms}; kbit tiers {plan}", flush=True)
+                try:
+                    bench_shape(shape, settings, ms, baselines, writer)
+                except WrongResult as e:
+                    sys.exit(f"\n!!! KBIT RESULT WRONG, run aborted: {e}\n"
+                             f"!!! records so far are in {json_path}")
     print(f"[{time.perf_counter() - started:6.1f} s] done\n", flush=True)
     print(plot.render(writer.records, json_path), flush=True)
 
