@@ -35,8 +35,12 @@ struct DenseProblem {
     }
     template <typename T>
     __device__ void store(const Shared&, const float* partial, const MmaParams& p, int unit) const {
-        for (int o = threadIdx.x; o < unit_rowtiles * p.m * kTileRows; o += blockDim.x) {
-            const int row = o % kTileRows, m = o / kTileRows % p.m, rs = o / kTileRows / p.m;
+        // A warp per (row tile, token) pair and a lane per row; unit_rowtiles is a power of two, so the pair's row
+        // tile and token come from a mask and a shift (no division on the way from the unit's last MMA to its stores).
+        const int warp = __shfl_sync(~0u, threadIdx.x >> 5, 0), row = threadIdx.x & 31;
+        const int rowtiles_log2 = __ffs(unit_rowtiles) - 1;
+        for (int pair = warp; pair < unit_rowtiles * p.m; pair += blockDim.x >> 5) {
+            const int rs = pair & (unit_rowtiles - 1), m = pair >> rowtiles_log2;
             const int out_rowtile = unit * unit_rowtiles + rs;
             if (out_rowtile >= rowtiles) continue;
             const int n_index = out_rowtile * kTileRows + row;

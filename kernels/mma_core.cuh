@@ -531,13 +531,34 @@ __global__ void __launch_bounds__(block_warps(NT) * 32, 1) mma_kernel(const MmaP
     }
 }
 
-// Sum over the K-slices, in a fixed order, of row `row` (0..31) of row tile `rs` of the unit, token m: the output
-// with its row scale and token factor.
+// first[0] + first[stride] + ... + first[(N - 1) stride], as a tree of adds (a fixed order): its loads all in flight
+// and log2(N) dependent adds, on the path from the last MMA of a unit to its stores.
+template <int N>
+__device__ __forceinline__ float pairwise_sum(const float* first, int stride) {
+    float v[N];
+#pragma unroll
+    for (int q = 0; q < N; ++q) v[q] = first[q * stride];
+#pragma unroll
+    for (int level = 1; level < N; level *= 2) {  // v[q] += v[q + level] for q a multiple of 2 level
+#pragma unroll
+        for (int q = 0; q + level < N; q += 2 * level) v[q] += v[q + level];
+    }
+    return v[0];
+}
+
+// Sum over the K-slices (at most block_warps(1) = 16), in a fixed order, of row `row` (0..31) of row tile `rs` of the
+// unit, token m: the output with its row scale and token factor.
 __device__ __forceinline__ float slice_sum(const float* partial, const MmaParams& p, int rs, int m, int row) {
-    const int slices = 1 << p.slices_log2;
-    float sum = 0.f;
-    for (int q = 0; q < slices; ++q) sum += partial[((rs * slices + q) * p.m + m) * kPartialStride + row];
-    return sum;
+    static_assert(block_warps(1) <= 16, "more K-slices than the cases below (block_warps is largest at NT = 1)");
+    const float* first = partial + ((rs << p.slices_log2) * p.m + m) * kPartialStride + row;
+    const int stride = p.m * kPartialStride;
+    switch (p.slices_log2) {
+        case 0: return first[0];
+        case 1: return pairwise_sum<2>(first, stride);
+        case 2: return pairwise_sum<4>(first, stride);
+        case 3: return pairwise_sum<8>(first, stride);
+        default: return pairwise_sum<16>(first, stride);
+    }
 }
 
 // The activation pointer of lane (G, c) for activation row `row` (null for row < 0).
