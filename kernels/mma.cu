@@ -18,7 +18,7 @@ struct DenseProblem {
     int n, rowtiles, unit_rowtiles;
 
     __device__ void setup(Shared&) const {}
-    __device__ int units(const Shared&) const { return (rowtiles + unit_rowtiles - 1) / unit_rowtiles; }
+    __device__ int units(const Shared&) const { return (rowtiles + unit_rowtiles - 1) >> (__ffs(unit_rowtiles) - 1); }
     __device__ int rowtile(const Shared&, int unit, int sub) const {
         const int r = unit * unit_rowtiles + sub;
         return r < rowtiles ? r : -1;
