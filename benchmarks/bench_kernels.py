@@ -7,10 +7,10 @@ Method (shared reference kernel-anchors.md, sections 8 and 10): GPU time per cal
 graph calls the op R times, rotating over copies of the weight whose total size exceeds twice the L2 cache, so
 every call streams its weight from HBM (as in decoding, where each layer's weight is read once per step); the
 per-call time is the median over REPEATS replays of elapsed / R, after WARMUP_MS of untimed replays. Inputs
-are torch.randn. Every layer is timed at the decode sizes (M <= DECODE_MAX_M) first, then all layers again at the
-larger M: after a compute-heavy configuration the GPU runs at lower clocks for a while, which the decode kernels
-(bound by instruction issue, not by HBM) would inherit (see DECODE_MAX_M). Every kbit configuration (and every Marlin / bnb one) is checked against an fp32 reference
-before it is timed; a wrong kbit result aborts the run. Also measures the eager host overhead of one kbit call at M=1.
+are torch.randn. The sweep makes one pass over the layers per range of PASS_RANGES (M <= 64 first), so that no
+configuration follows a much heavier one (see PASS_RANGES). Every kbit configuration (and every Marlin / bnb one)
+is checked against an fp32 reference before it is timed; a wrong kbit result aborts the run. Also measures the eager
+host overhead of one kbit call at M=1.
 
 Impls: ``kbit`` (k = 2..5, random weights quantized with vllm_kbit.format.quantize), ``fp16`` (cuBLAS via
 F.linear, in fp16 or bf16: the record's dtype says which), ``marlin_int4`` (vLLM GPTQ Marlin, uint4b8, group
@@ -76,11 +76,13 @@ SHAPES = (
 QUICK_FAMILIES = ("Llama-3-8B", "Qwen3-Next")
 M_FULL = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
 M_QUICK = (1, 4, 16, 64, 256)
-# The sweep's first pass takes M up to this, the second pass the rest. On an H100, with one pass per layer (M
-# ascending, fp16 then bf16), a kbit M = 1 run that followed an M = 1024 one ran up to 1.19x slower than the same
-# run a few configurations later (Llama-3-70B gate_up, k = 2: 75.9 against 63.9 µs); the first records of this
-# benchmark had bf16 at M = 1 slower than at M = 2 on the largest layers for that reason.
-DECODE_MAX_M = 64
+# The sweep's passes over the layers: (lowest, highest M) of each. After a compute-heavy configuration the next ones
+# run slower for a while, as if at lower clocks, and the kbit kernels (bound by instruction issue, not by HBM) more
+# than cuBLAS. On an H100, with one pass per layer (M ascending, fp16 then bf16), a kbit M = 1 run right after an
+# M = 1024 one took 75.9 µs, the same run two configurations later 64.0 µs (Llama-3-70B gate_up, k = 2); bf16 at M = 1
+# (after fp16 at M = 1024) read up to 1.28x slower than at M = 2 on the largest layers. With two passes (M <= 64,
+# then the rest), bf16 at M = 128 still read up to 1.25x slower than fp16 (after M = 1024 of the layer before).
+PASS_RANGES = ((1, 64), (65, 256), (257, 1 << 62))
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 EAGER_SHAPE = "Llama-3-8B o"  # where the eager host overhead is measured (else the first selected shape)
 
@@ -451,7 +453,7 @@ def main() -> None:
           f"impls fp16 kbit {' '.join(baselines)}; records -> {json_path}", flush=True)
 
     started = time.perf_counter()
-    passes = [tuple(m for m in settings.ms if m <= DECODE_MAX_M), tuple(m for m in settings.ms if m > DECODE_MAX_M)]
+    passes = [tuple(m for m in settings.ms if low <= m <= high) for low, high in PASS_RANGES]
     with torch.no_grad():
         for ms in filter(None, passes):
             for i, shape in enumerate(args.shapes):

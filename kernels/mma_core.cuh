@@ -428,7 +428,7 @@ __global__ void __launch_bounds__(block_warps(NT) * 32, 1) mma_kernel(const MmaP
     // The warp's items are (unit, step t): column tile slice + t * slices of its row tile, p.steps per unit. Warps
     // whose tile is outside the weight skip it, so that all warps walk the same sequence and reach unit ends
     // together.
-    // (counted, not divided: no division between the launch and the first weight loads)
+    // The rounds are counted, not divided (for the dense problem, no division precedes the first weight loads).
     int rounds = 0;
     for (int u = blockIdx.x; u < units; u += gridDim.x) ++rounds;
     const int items = rounds * p.steps;
