@@ -1,15 +1,19 @@
-// Standalone timing of the dense MMA tier (kbit::mma, no torch, no vLLM) against fp16 cuBLAS, or of the grouped MoE
-// experts (kbit::moe_experts), for A/B tests of kernel variants: benchmarks/kernel_ab.py builds this against patched
-// copies of kernels/ and compares them. Timing only (tests/test_kernels_gpu.py and test_moe_gpu.py check results):
+// Standalone timing of the dense MMA tier (kbit::mma, no torch, no vLLM) against fp16 cuBLAS, of the Hopper tier
+// (kbit::wgmma, and dequantize + cuBLAS beside it), or of the grouped MoE experts (kbit::moe_experts), for A/B tests
+// of kernel variants: benchmarks/kernel_ab.py builds this against patched copies of kernels/ and compares them.
+// Timing only (tests/test_kernels_gpu.py and test_moe_gpu.py check results):
 // random kernel-layout weights (random index bits, absmax codes of moderate values); dense weights in copies that
 // rotate over 256 MB, so that every call reads its weight from HBM; MoE calls rotate over 16 random routings
 // (distinct experts per token) of one copy of the experts, so that consecutive calls mostly read other experts (as
 // bench_moe.py; at M = 1 some of the last calls' experts may still be in L2); the median over CUDA-graph replays.
-//   kernel_ab LABEL [interleave | moe]
+//   kernel_ab LABEL [interleave | moe | wgmma]
 // interleave: a small kernel (as a norm before a GEMM in a model) runs before every dense call, in both columns.
 // moe: the expert layers of Qwen3-30B-A3B and Qwen3-Next, bf16 activations, no baseline (fp16_us is nan).
-// Prints tab-separated rows: label shape k M kbit_us fp16_us. KBIT_AB_SHAPE (a dense shape's name) and KBIT_AB_M (token
-// counts, e.g. "1,16") time a subset, for profilers and quick A/B runs.
+// wgmma (built with kernels/wgmma.cu, sm_90a): the dense shapes at M = 64..1024 on the Hopper tier; each case also
+// prints a row for dequantize + cuBLAS (shape name + " dq"), the tier it competes with, which no wgmma variant changes
+// (so its ratio between two builds shows the run's noise).
+// Prints tab-separated rows: label shape k M kbit_us fp16_us. KBIT_AB_SHAPE (a dense shape's name), KBIT_AB_M (token
+// counts, e.g. "1,16") and KBIT_AB_BITS (e.g. "4") time a subset, for profilers and quick A/B runs.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -117,21 +121,25 @@ void free_weight(const kbit::KernelWeight& w) {
 
 constexpr int kBitWidths[] = {4, 2};
 
-// Whether to time M tokens: all, or those that KBIT_AB_M lists (e.g. "1,16").
-bool timed(int m) {
-    const char* only_m = std::getenv("KBIT_AB_M");
-    return only_m == nullptr ||
-           ("," + std::string(only_m) + ",").find("," + std::to_string(m) + ",") != std::string::npos;
+// Whether `value` is to be timed: always, or if the environment variable `name` lists it (e.g. "1,16").
+bool listed(const char* name, int value) {
+    const char* only = std::getenv(name);
+    return only == nullptr ||
+           ("," + std::string(only) + ",").find("," + std::to_string(value) + ",") != std::string::npos;
 }
-constexpr int kMaxM = 64;
+bool timed(int m) { return listed("KBIT_AB_M", m); }
 
-void time_dense(const std::string& label, bool interleave, std::mt19937& rng, cudaStream_t stream) {
+enum class DenseTier { kMma, kWgmma };
+
+void time_dense(const std::string& label, bool interleave, DenseTier tier, std::mt19937& rng, cudaStream_t stream) {
     const Shape shapes[] = {{"Llama-3-8B qkv", 4096, 6144},     {"Llama-3-8B o", 4096, 4096},
                             {"Llama-3-8B gate_up", 4096, 28672}, {"Llama-3-8B down", 14336, 4096},
                             {"Qwen3-Next q", 2048, 4096},        {"Qwen3-Next kv", 2048, 512},
                             {"Qwen3-Next o", 4096, 2048},        {"Qwen3-Next down", 5120, 2048},
                             {"Llama-3-70B gate_up", 8192, 57344}};
-    const int token_counts[] = {1, 8, 16, 32, 64};
+    const std::vector<int> token_counts = tier == DenseTier::kWgmma ? std::vector<int>{64, 128, 256, 384, 512, 768, 1024}
+                                                                     : std::vector<int>{1, 8, 16, 32, 64};
+    const int max_m = token_counts.back();
     cublasHandle_t cublas;
     check(cublasCreate(&cublas), "cublasCreate");
     check(cublasSetStream(cublas, stream), "cublasSetStream");
@@ -144,15 +152,29 @@ void time_dense(const std::string& label, bool interleave, std::mt19937& rng, cu
         std::generate(halves.begin(), halves.end(), random_half);
         std::vector<__half*> dense(copies_for(halves.size() * 2));
         for (auto& ptr : dense) ptr = reinterpret_cast<__half*>(device_copy(halves));
-        halves.resize(static_cast<size_t>(kMaxM) * shape.k);
+        halves.resize(static_cast<size_t>(max_m) * shape.k);
         auto* x = reinterpret_cast<__half*>(device_copy(halves));
         __half *y = nullptr, *out = nullptr;
         check(cudaMalloc(&y, halves.size() * 2), "cudaMalloc");
-        check(cudaMalloc(&out, static_cast<size_t>(kMaxM) * shape.n * 2), "cudaMalloc");
+        check(cudaMalloc(&out, static_cast<size_t>(max_m) * shape.n * 2), "cudaMalloc");
+        // wgmma: its workspace (the largest over M), and the dense weight that dequantize + cuBLAS writes
+        void* workspace = nullptr;
+        __half* decoded = nullptr;
+        if (tier == DenseTier::kWgmma) {
+#ifdef KBIT_WGMMA
+            long long bytes = 0;
+            for (int m : token_counts) bytes = std::max(bytes, kbit::wgmma_workspace_bytes(m, shape.n, shape.k));
+            check(cudaMalloc(&workspace, bytes), "cudaMalloc");
+#else
+            throw std::runtime_error("built without the Hopper tier (kernel_ab.py --wgmma builds it)");
+#endif
+            check(cudaMalloc(&decoded, static_cast<size_t>(shape.n) * shape.k * 2), "cudaMalloc");
+        }
         const auto before_call = [&](int m) {
             if (interleave) preceding_kernel<<<(m * shape.k + 255) / 256, 256, 0, stream>>>(x, y, m * shape.k);
         };
         for (int bits : kBitWidths) {
+            if (!listed("KBIT_AB_BITS", bits)) continue;
             const RandomTiles tiles = random_tiles(rng, shape.n / kbit::kTileRows, shape.k, bits);
             const int copies = copies_for(tiles.qweight.size() + tiles.absmax.size());
             std::vector<kbit::KernelWeight> weights;
@@ -164,35 +186,58 @@ void time_dense(const std::string& label, bool interleave, std::mt19937& rng, cu
             }
             for (int m : token_counts) {
                 if (!timed(m)) continue;
+                const float alpha = 1.f, beta = 0.f;
+                const auto cublas_fp16 = [&](const __half* w) {
+                    check(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, shape.n, m, shape.k, &alpha, w, CUDA_R_16F,
+                                       shape.k, x, CUDA_R_16F, shape.k, &beta, out, CUDA_R_16F, shape.n,
+                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                          "cublasGemmEx");
+                };
                 const float kbit_us = time_graph([&] {
                     for (const auto& w : weights) {
                         before_call(m);
+#ifdef KBIT_WGMMA
+                        if (tier == DenseTier::kWgmma) {
+                            kbit::wgmma(out, x, w, m, kbit::DType::kFloat16, workspace, stream);
+                            continue;
+                        }
+#endif
                         kbit::mma(out, x, w, m, kbit::DType::kFloat16, stream);
                     }
                 }, copies, stream);
-                const float alpha = 1.f, beta = 0.f;
                 const float fp16_us = time_graph([&] {
                     for (const __half* w : dense) {
                         before_call(m);
-                        check(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, shape.n, m, shape.k, &alpha, w,
-                                           CUDA_R_16F, shape.k, x, CUDA_R_16F, shape.k, &beta, out, CUDA_R_16F,
-                                           shape.n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                              "cublasGemmEx");
+                        cublas_fp16(w);
                     }
                 }, static_cast<int>(dense.size()), stream);
                 printf("%s\t%s\t%d\t%d\t%.2f\t%.2f\n", label.c_str(), shape.name, bits, m, kbit_us, fp16_us);
+                if (tier == DenseTier::kWgmma) {
+                    const float dequant_us = time_graph([&] {
+                        for (const auto& w : weights) {
+                            kbit::dequantize(decoded, w, kbit::DType::kFloat16, stream);
+                            cublas_fp16(decoded);
+                        }
+                    }, copies, stream);
+                    printf("%s\t%s dq\t%d\t%d\t%.2f\t%.2f\n", label.c_str(), shape.name, bits, m, dequant_us,
+                           fp16_us);
+                }
                 fflush(stdout);
             }
             for (const auto& w : weights) free_weight(w);
             check(cudaFree(scale_d), "cudaFree");
         }
         for (auto* ptr : dense) check(cudaFree(ptr), "cudaFree");
+        if (workspace != nullptr) check(cudaFree(workspace), "cudaFree");
+        if (decoded != nullptr) check(cudaFree(decoded), "cudaFree");
         check(cudaFree(x), "cudaFree");
         check(cudaFree(y), "cudaFree");
         check(cudaFree(out), "cudaFree");
     }
     check(cublasDestroy(cublas), "cublasDestroy");
 }
+
+constexpr int kMaxM = 64;  // MoE tokens
 
 struct MoeModel {
     const char* name;
@@ -277,7 +322,7 @@ int main(int argc, char** argv) {
         if (mode == "moe") {
             time_moe(label, rng, stream);
         } else {
-            time_dense(label, mode == "interleave", rng, stream);
+            time_dense(label, mode == "interleave", mode == "wgmma" ? DenseTier::kWgmma : DenseTier::kMma, rng, stream);
         }
     } catch (const std::exception& e) {
         fprintf(stderr, "kernel_ab: %s\n", e.what());
