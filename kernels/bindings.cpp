@@ -134,7 +134,7 @@ void wgmma(uintptr_t out, uintptr_t x, uintptr_t qweight, uintptr_t absmax, uint
     const std::string fn = "wgmma";
     const DType dt = check_dtype(fn, dtype);
     const kbit::KernelWeight w = check_product(fn, out, x, qweight, absmax, scale, codebook, m, n, k, bits);
-    check_pointer(fn, "out", out, 8);  // the K-slice sum stores 4 outputs at a time
+    check_pointer(fn, "out", out, 16);  // 8 outputs at a time (the K-slice sum stores 4)
     check_pointer(fn, "workspace", workspace, 16);
     kbit::wgmma(reinterpret_cast<void*>(out), reinterpret_cast<const void*>(x), w, static_cast<int>(m), dt,
                 reinterpret_cast<void*>(workspace), as_stream(stream));
@@ -212,7 +212,7 @@ PYBIND11_MODULE(_C, mod) {
             py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K"));
     mod.def("wgmma", &wgmma,
             "out [M, N] = x [M, K] @ W^T on the Hopper warpgroup MMA (sm_90 only; dequantization fused, the weight "
-            "read once per 128 rows of x); x and out as for mma, out 8-byte aligned; workspace: "
+            "read once per 128 rows of x); x and out as for mma, out 16-byte aligned; workspace: "
             "wgmma_workspace(out, M, N, K) bytes.",
             py::arg("out"), py::arg("x"), py::arg("qweight"), py::arg("absmax"), py::arg("scale"),
             py::arg("codebook"), py::arg("workspace"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bits"),

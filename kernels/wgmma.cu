@@ -1,5 +1,5 @@
 // Hopper tier (sm_90a): out [M, n] = x [M, k] @ W^T on the warpgroup MMA (wgmma), whose multiply-adds run
-// asynchronously while the warps decode the next weights; for M = 33..256 where the weight is large enough
+// asynchronously while the warps decode the next weights; for M = 33..1024 on weights large enough for that M
 // (vllm_kbit/capabilities.py). mma.sync (mma_core.cuh) cannot reach the tensor-core rate of cuBLAS from M = 128 on,
 // and dequantize + cuBLAS moves the weight three times.
 //
@@ -207,20 +207,20 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
         cp_async_commit();
     };
 
-    // The warp's weight tiles, R ahead (zeros where the warp has no row tile: absmax 0 decodes to 0).
+    // The warp's weight tiles, R ahead. Every load is made, from an address clamped into the weight (row tile 0 for a
+    // warp past the last row tile, whose sums are never stored; the slice's last tile past its end, never decoded):
+    // with the loads conditional (zeros otherwise), ptxas loaded into temporaries and copied them into the ring at
+    // once, so each warp waited for its tile right after asking for it (Nsight Compute: 15% of the stall samples).
+    // Unconditional, on an H100 at M = 128..1024: 1.03-1.19x on the Llama-3 layers at k = 4, 1.02-1.09x at k = 2,
+    // 0.99-1.09x on Qwen3-Next's (benchmarks/kernel_experiments.md, session 14).
     uint32_t w[R][4 * BITS];
     uint4 codes[R];
     const uint4* weights = p.qweight + tile_vector_offset(BITS, p.groups, has_rows ? rowtile : 0, first_kt, lane);
     const uint4* absmax = p.absmax + tile_absmax_offset(p.groups, has_rows ? rowtile : 0, first_kt, G);
     const auto load = [&](int slot, int t) {
-        if (has_rows && t < tiles) {
-            load_tile<BITS>(weights + t * BITS * 32, w[slot]);
-            codes[slot] = load_streaming(absmax + t * 8);
-        } else {
-#pragma unroll
-            for (int i = 0; i < 4 * BITS; ++i) w[slot][i] = 0;
-            codes[slot] = make_uint4(0, 0, 0, 0);
-        }
+        const int tile = min(t, tiles - 1);
+        load_tile<BITS>(weights + tile * BITS * 32, w[slot]);
+        codes[slot] = load_streaming(absmax + tile * 8);
     };
 #pragma unroll
     for (int i = 0; i < R; ++i) load(i, i);
@@ -291,21 +291,49 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
     wgmma_wait<0>();
 
     // Row 16 rt + G + 8 h of the warp's row tile (row scale j = 2 rt + h), token 8 (i / 4) + 2 c + i % 2.
-    if (!has_rows) return;
     const int c = lane & 3;
+    if (p.slices > 1) {  // the K-slice's fp32 sums, to the workspace
+        if (!has_rows) return;
+#pragma unroll
+        for (int rt = 0; rt < 2; ++rt) {
+#pragma unroll
+            for (int i = 0; i < TOKENS / 2; ++i) {
+                const int token = first_token + 8 * (i / 4) + 2 * c + i % 2;
+                const int row = rowtile * kTileRows + 16 * rt + G + 8 * (i / 2 % 2);
+                if (token >= p.m) continue;
+                p.partial[(static_cast<long long>(slice) * p.m + token) * p.n + row] =
+                    acc[rt][i] * row_scale[2 * rt + i / 2 % 2];
+            }
+        }
+        return;
+    }
+    // The block's outputs (TOKENS tokens x 256 rows) go through shared memory, in the operand buffers (free once
+    // both warpgroups are past their last MMAs), so that out is written in whole 16-byte pieces of its rows instead
+    // of 2-byte stores scattered over four rows each: with the loads above, 1.04-1.33x at M = 128..1024 on the Llama-3
+    // layers at k = 4, 1.01-1.21x at k = 2 (alone: 1.03-1.31x, 0.97-1.14x; session 14).
+    constexpr int kStagedStride = kWarps * kTileRows + 8;  // elements per token; the 16-byte pad spreads the banks
+    constexpr int kPiecesPerToken = kWarps * kTileRows / 8;
+    static_assert(TOKENS * kStagedStride * sizeof(T) <= kStages * kOperandBytes, "the outputs fit the operand buffers");
+    T* const staged = reinterpret_cast<T*>(smem_unaligned + (operand - unaligned));
+    __syncthreads();
 #pragma unroll
     for (int rt = 0; rt < 2; ++rt) {
 #pragma unroll
         for (int i = 0; i < TOKENS / 2; ++i) {
-            const int token = first_token + 8 * (i / 4) + 2 * c + i % 2;
-            const int row = rowtile * kTileRows + 16 * rt + G + 8 * (i / 2 % 2);
-            if (token >= p.m) continue;
-            const float v = acc[rt][i] * row_scale[2 * rt + i / 2 % 2];
-            if (p.slices == 1) {
-                Act<T>::store(p.out, static_cast<long long>(token) * p.n + row, v);
-            } else {
-                p.partial[(static_cast<long long>(slice) * p.m + token) * p.n + row] = v;
-            }
+            const int token = 8 * (i / 4) + 2 * c + i % 2;
+            const int row = warp * kTileRows + 16 * rt + G + 8 * (i / 2 % 2);
+            Act<T>::store(staged, token * kStagedStride + row, acc[rt][i] * row_scale[2 * rt + i / 2 % 2]);
+        }
+    }
+    __syncthreads();
+    const int first_rowtile = rowtile - warp;
+#pragma unroll
+    for (int q = threadIdx.x; q < TOKENS * kPiecesPerToken; q += kThreads) {
+        const int token = q / kPiecesPerToken, piece = q % kPiecesPerToken;
+        if (first_token + token < p.m && first_rowtile + piece / 4 < p.rowtiles) {
+            reinterpret_cast<uint4*>(p.out)[(static_cast<long long>(first_token + token) * p.n +
+                                             first_rowtile * kTileRows) / 8 + piece] =
+                reinterpret_cast<const uint4*>(staged + token * kStagedStride)[piece];
         }
     }
 }

@@ -102,13 +102,14 @@ def run_wgmma(x, n, k, bits):
     return out
 
 
-# Every shape above (with and without K-slices), a Llama-3-8B down (K-slices of 14 column tiles); M: the 64-token
-# operand (M <= 64) with one token, partly filled and full, then the 128-token one partly filled, full, and over
-# several token tiles.
-@pytest.mark.parametrize("m", [1, 40, 64, 65, 128, 129, 300])
+# Every shape above (with and without K-slices), a Llama-3-8B down (K-slices of 14 column tiles), and 6240 rows (one
+# K-slice: outputs staged in shared memory, the last block with 3 of its 8 row tiles); M: the 64-token operand
+# (M <= 64) with one token, partly filled and full, then the 128-token one partly filled, full, and over several
+# token tiles.
+@pytest.mark.parametrize("m", [1, 40, 64, 65, 128, 129, 300, 700])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", kf.SUPPORTED_BITS)
-@pytest.mark.parametrize("n,k", SHAPES + [(4096, 14336)])
+@pytest.mark.parametrize("n,k", SHAPES + [(4096, 14336), (6240, 4096)])
 def test_wgmma(n, k, bits, dtype, m):
     wgmma_or_skip()
     x = torch.randn(m, k, device="cuda").to(dtype)
@@ -142,6 +143,9 @@ def test_wgmma_cuda_graph_matches_eager():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
+    with pytest.raises(ValueError, match="out must be 16-byte aligned"):  # the outputs go out 8 at a time
+        _C.wgmma(out.data_ptr() + 8, x.data_ptr(), qweight_tiled.data_ptr(), absmax_tiled.data_ptr(),
+                 t.scale.data_ptr(), codebook.data_ptr(), workspace.data_ptr(), m, n, k, bits, 0, stream())
     with pytest.raises(ValueError, match="workspace is a null pointer"):
         _C.wgmma(out.data_ptr(), x.data_ptr(), qweight_tiled.data_ptr(), absmax_tiled.data_ptr(), t.scale.data_ptr(),
                  codebook.data_ptr(), 0, m, n, k, bits, 0, stream())
@@ -243,8 +247,8 @@ def test_quantize_on_gpu_equals_cpu(bits):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 4, 5, 16, 17, 33, 64, 65, 128, 256, 257, 300])
-# no wgmma; on Hopper wgmma from M = 65; wgmma from M = 33 (capabilities.GPU_TIERS)
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 16, 17, 33, 64, 65, 128, 256, 257, 300, 513])
+# no wgmma; on Hopper wgmma for M = 65..256; wgmma for M = 33..512 (capabilities.GPU_TIERS)
 @pytest.mark.parametrize("n,k", [(512, 2048), (4096, 4096), (12288, 4096)])
 def test_op_every_tier(n, k, m, dtype):
     # torch.ops.kbit.gemm picks the tier by M and shape inside the op: every tier must give the reference result.
@@ -253,5 +257,5 @@ def test_op_every_tier(n, k, m, dtype):
     x = torch.randn(m, k, dtype=dtype, device="cuda")
     out = torch.ops.kbit.gemm(x, qweight_tiled, absmax_tiled, t.scale, codebook, bits)
     assert out.shape == (m, n) and out.dtype == dtype
-    print(f"{n}x{k} M={m}: tier {ops.tier_name(0, m, n, k)}")
+    print(f"{n}x{k} M={m}: tier {ops.tier_name(0, m, n, k, bits)}")
     assert relative_error(out, x, reference) < TOLERANCE[dtype]
