@@ -457,9 +457,10 @@ def main() -> None:
     with torch.no_grad():
         for ms in filter(None, passes):
             for i, shape in enumerate(args.shapes):
-                plan = capabilities.describe_tiers(kops.tiers_for_device(device.index, shape.n, shape.k))
+                plans = "; ".join(f"k={bits} " + capabilities.describe_tiers(
+                    kops.tiers_for_device(device.index, shape.n, shape.k, bits)) for bits in settings.bits)
                 print(f"[{time.perf_counter() - started:6.1f} s] {shape.label} (K={shape.k}, N={shape.n}), "
-                      f"layer {i + 1}/{len(args.shapes)}, M {ms}; kbit tiers {plan}", flush=True)
+                      f"layer {i + 1}/{len(args.shapes)}, M {ms}; kbit tiers {plans}", flush=True)
                 try:
                     bench_shape(shape, settings, ms, baselines, writer)
                 except WrongResult as e:

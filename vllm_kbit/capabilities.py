@@ -32,12 +32,17 @@ class Tier:
     what: str
     max_capability: int = 1 << 30
     min_weight: int = 0  # smallest weight N x K (elements, per rank) it takes
+    bits: tuple[int, ...] = SUPPORTED_BITS  # the k it takes
 
     def runs_on(self, capability: int) -> bool:
         return self.min_capability <= capability <= self.max_capability
 
-    def takes(self, n: int, k: int) -> bool:
-        return n * k >= self.min_weight
+    @property
+    def takes_any_weight(self) -> bool:
+        return self.min_weight == 0 and self.bits == SUPPORTED_BITS
+
+    def takes(self, n: int, k: int, bits: int) -> bool:
+        return n * k >= self.min_weight and bits in self.bits
 
 
 # In priority order: for each M, the first tier that covers it and is usable (compiled, on this GPU, for this
@@ -50,11 +55,21 @@ GPU_TIERS = (
     # Llama-3-70B gate_up 1.76 / 1.73 / 1.70x (1.28 / 1.20 / 1.13x); on 4096 x 4096 and smaller it is even or slower.
     # At M = 65..256 it beats dequantize + cuBLAS on the MLP layers (bench_kernels, M = 128: 1.07-1.31x fp16 where
     # that reaches 0.43-0.52x) and is about even with it on 4096 x 4096; below that, K-slices get too short for its
-    # fixed cost. From M = 257 it costs what it costs at 384 (three 128-token tiles): there it is even with
-    # dequantize + cuBLAS on gate_up and slower on the other layers; at 1024, slower everywhere (0.65-0.93x;
-    # benchmarks/kernel_experiments.md, session 11).
+    # fixed cost. Above 256 the larger the weight, the longer it stays ahead (kernel_ab.py --wgmma, one H100, the
+    # kernel of session 14, k = 4, wgmma / dequantize + cuBLAS in µs): Llama-3-8B down (56Mi) 114 / 133 at M = 384,
+    # 120 / 132 at 512, 226 / 171 at 768; Llama-3-8B gate_up (112Mi) 169 / 240, 223 / 266, 359 / 363, and at 1024
+    # about 393 / 419; Llama-3-70B gate_up ahead up to 1024 (about 1500 / 1864); qkv (24Mi) and smaller behind from
+    # M = 384 (qkv 57 / 50); k = 2 alike. k = 5, whose wgmma runs 1.27x k = 4's time at M = 256 on the MLP layers
+    # (bench_kernels), is left to dequantize + cuBLAS above 256, and so is k = 3 above 512: at M = 1024 on the layers
+    # of >= 96Mi elements, a bench_kernels run with wgmma there for every k timed it at 0.93-1.05x of session 13's
+    # dequantize + cuBLAS (another H100, cuBLAS within 3%) for k = 3 and 0.79-0.87x for k = 5, against 1.04-1.08x
+    # (k = 4) and 1.10-1.15x (k = 2) (benchmarks/kernel_experiments.md, session 14).
     Tier("wgmma", 33, 64, 90, "fused dequant + Hopper warpgroup MMA", max_capability=90, min_weight=24 << 20),
     Tier("wgmma", 65, 256, 90, "fused dequant + Hopper warpgroup MMA", max_capability=90, min_weight=16 << 20),
+    Tier("wgmma", 257, 512, 90, "fused dequant + Hopper warpgroup MMA", max_capability=90, min_weight=48 << 20,
+         bits=(2, 3, 4)),
+    Tier("wgmma", 513, 1024, 90, "fused dequant + Hopper warpgroup MMA", max_capability=90, min_weight=96 << 20,
+         bits=(2, 4)),
     # The MMA kernel reads the weight once per launch of 64 tokens (16 for k = 2 and 4 on sm_86 / sm_89: less shared
     # memory); on an H100 two launches (M = 128) already lose to writing the dense weight once for cuBLAS.
     Tier("mma", 1, 64, 80, "fused dequant + tensor-core MMA"),
@@ -102,16 +117,17 @@ def describe_moe_plan(top_k: int, experts: int, intermediate: int) -> str:
     return f"M=1..{last}: {grouped.name}, M={last + 1}..: {fallback.name} ({fallback.what})"
 
 
-def available_tiers(capability: int, compiled: frozenset[str], n: int | None = None,
-                    k: int | None = None) -> tuple[Tier, ...]:
+def available_tiers(capability: int, compiled: frozenset[str], n: int | None = None, k: int | None = None,
+                    bits: int | None = None) -> tuple[Tier, ...]:
     """The plan on a GPU of this capability, given the kernel entry points compiled into _C: for each M the first
-    usable tier of GPU_TIERS that covers it. Given a weight's N and K, tiers that do not take it are skipped;
+    usable tier of GPU_TIERS that covers it. Given a weight's N, K and bits, tiers that do not take it are skipped;
     without, so are all tiers limited to some weights. Returns tiers with the M ranges they serve, sorted by M,
     together covering every M >= 1 once.
     """
+    layer = (n, k, bits)
     usable = [t for t in GPU_TIERS
               if (t.name == "dequant_cublas" or t.name in compiled) and t.runs_on(capability)
-              and (t.takes(n, k) if n is not None and k is not None else t.min_weight == 0)]
+              and (t.takes(n, k, bits) if None not in layer else t.takes_any_weight)]
     last = usable[-1].max_m  # dequant_cublas
     starts = sorted({1} | {t.min_m for t in usable} | {t.max_m + 1 for t in usable if t.max_m < last})
     plan: list[Tier] = []

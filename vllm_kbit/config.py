@@ -289,7 +289,7 @@ def _log_kernel_choice(n: int, k: int, bits: int, device: torch.device) -> None:
         return
     _LOGGED_SHAPES.add(key)
     if device.type == "cuda":
-        plan = capabilities.describe_tiers(ops.tiers_for_device(device.index or 0, n, k))
+        plan = capabilities.describe_tiers(ops.tiers_for_device(device.index or 0, n, k, bits))
     else:
         plan = capabilities.CPU_TIER.what
     logger.info("kbit: %dx%d weight, k=%d on %s -> %s", n, k, bits, device.type, plan)

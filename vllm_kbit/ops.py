@@ -41,25 +41,26 @@ def require_kernels() -> None:
 
 
 @functools.cache
-def tiers_for_device(device_index: int, n: int | None = None, k: int | None = None) -> tuple[capabilities.Tier, ...]:
-    """The device's tiers; given a weight's N and K, those that take it (the plan of that layer)."""
+def tiers_for_device(device_index: int, n: int | None = None, k: int | None = None,
+                     bits: int | None = None) -> tuple[capabilities.Tier, ...]:
+    """The device's tiers; given a weight's N, K and bits, those that take it (the plan of that layer)."""
     major, minor = torch.cuda.get_device_capability(device_index)
     capability = major * 10 + minor
     capabilities.check_gpu_capability(capability, torch.cuda.get_device_name(device_index))
     compiled = frozenset(tier.name for tier in capabilities.GPU_TIERS if hasattr(_C, tier.name))
-    return capabilities.available_tiers(capability, compiled, n, k)
+    return capabilities.available_tiers(capability, compiled, n, k, bits)
 
 
 @functools.cache
-def _tier_by_m(device_index: int, n: int, k: int) -> tuple[str, ...]:
+def _tier_by_m(device_index: int, n: int, k: int, bits: int) -> tuple[str, ...]:
     """Tier name for M = 0.. (index = M) up to where the last tier starts, so the hot path is one tuple lookup."""
-    tiers = tiers_for_device(device_index, n, k)
+    tiers = tiers_for_device(device_index, n, k, bits)
     last_start = max(t.min_m for t in tiers)
     return tuple(next(t.name for t in tiers if t.min_m <= max(m, 1) <= t.max_m) for m in range(last_start + 1))
 
 
-def tier_name(device_index: int, m: int, n: int, k: int) -> str:
-    table = _tier_by_m(device_index, n, k)
+def tier_name(device_index: int, m: int, n: int, k: int, bits: int) -> str:
+    table = _tier_by_m(device_index, n, k, bits)
     return table[min(m, len(table) - 1)]
 
 
@@ -134,7 +135,7 @@ def _gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, sca
     dtype_code = _DTYPE_CODE[x.dtype]
     codebook_ptr = _host_codebook(codebook, bits)
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    tier = tier_name(x.device.index, m, n, k)
+    tier = tier_name(x.device.index, m, n, k, bits)
     if tier == "dequant_cublas":
         weight = torch.empty((n, k), dtype=x.dtype, device=x.device)
         _C.dequantize(weight.data_ptr(), qweight.data_ptr(), absmax.data_ptr(), scale.data_ptr(),
