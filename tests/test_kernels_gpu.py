@@ -119,6 +119,14 @@ def test_wgmma(n, k, bits, dtype, m):
     assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("m", [40, 64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_wgmma_few_tokens_one_slice(dtype, m):
+    # Llama-3-8B gate_up: 112 blocks of 256 rows, so no K-slices at M <= 64 on an H100 or H200 (the shapes above all
+    # take K-slices there): the 64-token operand's outputs staged in shared memory
+    test_wgmma(28672, 4096, 4, dtype, m)
+
+
 def test_wgmma_cuda_graph_matches_eager():
     wgmma_or_skip()
     n, k, bits, m = 4096, 4096, 4, 200  # K-slices (a workspace) and two token tiles

@@ -52,18 +52,20 @@ GPU_TIERS = (
     # then of 128 per 128 tokens. At M = 33..64 (where mma runs 8 token tiles) it wins from Llama-3-8B qkv (6144 x
     # 4096 = 24Mi elements) up: one standalone A/B run on an H100, k = 4, M = 33 / 48 / 64, speedup over fp16 (mma's
     # in brackets): qkv 1.06 / 1.02 / 0.94x (0.93 / 0.88 / 0.80x), down 1.52 / 1.46 / 1.46x (1.32 / 1.22 / 1.08x),
-    # Llama-3-70B gate_up 1.76 / 1.73 / 1.70x (1.28 / 1.20 / 1.13x); on 4096 x 4096 and smaller it is even or slower.
-    # At M = 65..256 it beats dequantize + cuBLAS on the MLP layers (bench_kernels, M = 128: 1.07-1.31x fp16 where
-    # that reaches 0.43-0.52x) and is about even with it on 4096 x 4096; below that, K-slices get too short for its
-    # fixed cost. Above 256 the larger the weight, the longer it stays ahead (kernel_ab.py --wgmma, one H100, the
-    # kernel of session 14, k = 4, wgmma / dequantize + cuBLAS in µs): Llama-3-8B down (56Mi) 114 / 133 at M = 384,
-    # 120 / 132 at 512, 226 / 171 at 768; Llama-3-8B gate_up (112Mi) 169 / 240, 223 / 266, 359 / 363, and at 1024
-    # about 393 / 419; Llama-3-70B gate_up ahead up to 1024 (about 1500 / 1864); qkv (24Mi) and smaller behind from
-    # M = 384 (qkv 57 / 50); k = 2 alike. k = 5, whose wgmma runs 1.27x k = 4's time at M = 256 on the MLP layers
-    # (bench_kernels), is left to dequantize + cuBLAS above 256, and so is k = 3 above 512: at M = 1024 on the layers
-    # of >= 96Mi elements, a bench_kernels run with wgmma there for every k timed it at 0.93-1.05x of session 13's
-    # dequantize + cuBLAS (another H100, cuBLAS within 3%) for k = 3 and 0.79-0.87x for k = 5, against 1.04-1.08x
-    # (k = 4) and 1.10-1.15x (k = 2) (benchmarks/kernel_experiments.md, session 14).
+    # Llama-3-70B gate_up 1.76 / 1.73 / 1.70x (1.28 / 1.20 / 1.13x); on 4096 x 4096 and smaller it is even or
+    # slower. At M = 65..256 it beats dequantize + cuBLAS on the MLP layers (bench_kernels, session 14, M = 128:
+    # 1.13-1.52x fp16 where that reaches 0.43-0.52x) and is about even with it on 4096 x 4096; below that, K-slices
+    # get too short for its fixed cost. Above 256 the larger the weight, the longer it stays ahead (kernel_ab.py
+    # --wgmma, one H100, the kernel of session 14, k = 4, wgmma / dequantize + cuBLAS in µs): Llama-3-8B down (56Mi)
+    # 114 / 133 at M = 384, 120 / 132 at 512, 226 / 171 at 768; Llama-3-8B gate_up (112Mi) 169 / 240, 223 / 266,
+    # 359 / 363, and at 1024 393 / 425; Llama-3-70B gate_up ahead up to 1024 (1493 / 1688); qkv (24Mi)
+    # and smaller behind from M = 384 (qkv 57 / 50); k = 2 alike. k = 5, whose wgmma runs 1.25-1.40x k = 4's time at
+    # M = 256 on the MLP layers (bench_kernels), is left to dequantize + cuBLAS above 256, and so is k = 3 above
+    # 512: at M = 1024 on the layers of >= 96Mi elements, a bench_kernels run with wgmma there for every k timed it
+    # at 0.93-1.05x of session 13's dequantize + cuBLAS (another H100, cuBLAS within 3%) for k = 3 and 0.79-0.87x
+    # for k = 5, against 1.00-1.08x (k = 4; 1.00x on Llama-3-70B down) and 1.10-1.15x (k = 2). k = 3 at M = 257..512
+    # was not timed: its wgmma runs within 4% of k = 4's at M = 256 on those layers
+    # (benchmarks/kernel_experiments.md, session 14).
     Tier("wgmma", 33, 64, 90, "fused dequant + Hopper warpgroup MMA", max_capability=90, min_weight=24 << 20),
     Tier("wgmma", 65, 256, 90, "fused dequant + Hopper warpgroup MMA", max_capability=90, min_weight=16 << 20),
     Tier("wgmma", 257, 512, 90, "fused dequant + Hopper warpgroup MMA", max_capability=90, min_weight=48 << 20,
