@@ -89,7 +89,7 @@ def main() -> None:
     mode.add_argument("--moe", action="store_true", help="time the grouped MoE experts instead of the dense tier")
     mode.add_argument("--wgmma", action="store_true",
                       help="time the Hopper tier (and dequantize + cuBLAS) at M = 64..1024 instead (sm_90a)")
-    parser.add_argument("--arch", default=None, help="nvcc -arch (default sm_90, sm_90a with --wgmma)")
+    parser.add_argument("--arch", default=None, help="GPU target (default sm_90, sm_90a with --wgmma)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="where kernel_ab.tsv goes")
     args = parser.parse_args()
     variants = {"base": []} | (json.loads(args.variants.read_text()) if args.variants else {})

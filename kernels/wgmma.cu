@@ -290,21 +290,25 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
     }
     wgmma_wait<0>();
 
-    // Row 16 rt + G + 8 h of the warp's row tile (row scale j = 2 rt + h), token 8 (i / 4) + 2 c + i % 2.
+    // The lane's outputs, f(token of the block's tile, row of the warp's row tile, sum x row scale): accumulator i of
+    // row half rt is row 16 rt + G + 8 h (row scale j = 2 rt + h, h = i / 2 % 2), token 8 (i / 4) + 2 c + i % 2.
     const int c = lane & 3;
-    if (p.slices > 1) {  // the K-slice's fp32 sums, to the workspace
-        if (!has_rows) return;
+    const auto for_each_output = [&](auto&& f) {
 #pragma unroll
         for (int rt = 0; rt < 2; ++rt) {
 #pragma unroll
             for (int i = 0; i < TOKENS / 2; ++i) {
-                const int token = first_token + 8 * (i / 4) + 2 * c + i % 2;
-                const int row = rowtile * kTileRows + 16 * rt + G + 8 * (i / 2 % 2);
-                if (token >= p.m) continue;
-                p.partial[(static_cast<long long>(slice) * p.m + token) * p.n + row] =
-                    acc[rt][i] * row_scale[2 * rt + i / 2 % 2];
+                const int h = i / 2 % 2;
+                f(8 * (i / 4) + 2 * c + i % 2, 16 * rt + G + 8 * h, acc[rt][i] * row_scale[2 * rt + h]);
             }
         }
+    };
+    if (p.slices > 1) {  // the K-slice's fp32 sums, to the workspace
+        if (!has_rows) return;
+        for_each_output([&](int tile_token, int tile_row, float v) {
+            const int token = first_token + tile_token, row = rowtile * kTileRows + tile_row;
+            if (token < p.m) p.partial[(static_cast<long long>(slice) * p.m + token) * p.n + row] = v;
+        });
         return;
     }
     // The block's outputs (TOKENS tokens x 256 rows) go through shared memory, in the operand buffers (free once
@@ -316,15 +320,9 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
     static_assert(TOKENS * kStagedStride * sizeof(T) <= kStages * kOperandBytes, "the outputs fit the operand buffers");
     T* const staged = reinterpret_cast<T*>(smem_unaligned + (operand - unaligned));
     __syncthreads();
-#pragma unroll
-    for (int rt = 0; rt < 2; ++rt) {
-#pragma unroll
-        for (int i = 0; i < TOKENS / 2; ++i) {
-            const int token = 8 * (i / 4) + 2 * c + i % 2;
-            const int row = warp * kTileRows + 16 * rt + G + 8 * (i / 2 % 2);
-            Act<T>::store(staged, token * kStagedStride + row, acc[rt][i] * row_scale[2 * rt + i / 2 % 2]);
-        }
-    }
+    for_each_output([&](int token, int row, float v) {
+        Act<T>::store(staged, token * kStagedStride + (warp * kTileRows + row), v);
+    });
     __syncthreads();
     const int first_rowtile = rowtile - warp;
 #pragma unroll
