@@ -49,3 +49,26 @@ def test_opcheck(kbit_layer):
     x = torch.randn(5, 256, dtype=torch.bfloat16)
     args = (x, kbit_layer.qweight, kbit_layer.qweight_absmax, kbit_layer.weight_scale, kbit_layer.kbit_codebook, 3)
     torch.library.opcheck(torch.ops.kbit.gemm.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_eager_layer_skips_the_dispatcher(kbit_layer):
+    # In eager mode a layer calls the op's implementation directly (ops.layer_gemm), not through the dispatcher,
+    # which compiled graphs need and eager calls only pay for; the result is the op's.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    called = []
+
+    class RecordOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            called.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(3, 256)
+    with RecordOps():
+        eager = kbit_layer(x)[0]
+    assert called and torch.ops.kbit.gemm.default not in called
+    with RecordOps():
+        via_op = torch.ops.kbit.gemm(x, kbit_layer.qweight, kbit_layer.qweight_absmax, kbit_layer.weight_scale,
+                                     kbit_layer.kbit_codebook, 3) + kbit_layer.bias
+    assert torch.ops.kbit.gemm.default in called  # the recorder does see the op when it is called
+    torch.testing.assert_close(eager, via_op)

@@ -353,8 +353,8 @@ class KbitLinearMethod(LinearMethodBase):
         layer._already_called_process_weights_after_loading = True
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        out = torch.ops.kbit.gemm(x.reshape(-1, x.shape[-1]), layer.qweight, layer.qweight_absmax,
-                                  layer.weight_scale, layer.kbit_codebook, layer.kbit_bits)
+        out = ops.layer_gemm(x.reshape(-1, x.shape[-1]), layer.qweight, layer.qweight_absmax, layer.weight_scale,
+                             layer.kbit_codebook, layer.kbit_bits)
         out = out.reshape(*x.shape[:-1], out.shape[-1])
         if bias is not None:
             out = out + bias

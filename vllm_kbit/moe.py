@@ -182,7 +182,7 @@ class KbitMoEMethod(FusedMoEMethodBase):
     def apply(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               shared_experts, shared_experts_input) -> torch.Tensor:
         # Shared experts, if any, are run by vLLM's MoE runner (this method has no modular kernel).
-        return torch.ops.kbit.moe_experts(
+        return ops.layer_moe_experts(
             x, topk_weights, topk_ids, layer.w13_qweight, layer.w13_qweight_absmax, layer.w13_weight_scale,
             layer.w2_qweight, layer.w2_qweight_absmax, layer.w2_weight_scale, layer.kbit_codebook,
             layer.kbit_bits, layer.activation.value)

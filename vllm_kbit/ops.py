@@ -1,4 +1,5 @@
-"""The ``torch.ops.kbit`` custom ops: the only way model code reaches kbit kernels.
+"""The ``torch.ops.kbit`` custom ops: the only way model code reaches kbit kernels (layers call them through
+``layer_gemm`` / ``layer_moe_experts``, which skip the dispatcher in eager mode).
 
 Every choice that depends on M (tokens in the batch) happens inside the op, where torch.compile
 cannot freeze it; the fake implementation gives Dynamo shapes only. The op works on the layer's
@@ -110,7 +111,7 @@ def _gemm_cpu(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, scal
 
 def _host_codebook(codebook: torch.Tensor, bits: int) -> int:
     """The address of a CPU codebook: the kernels get its values by value, in their launch parameters."""
-    if (codebook.device.type != "cpu" or codebook.dtype != torch.float32 or not codebook.is_contiguous()
+    if (not codebook.is_cpu or codebook.dtype != torch.float32 or not codebook.is_contiguous()
             or codebook.numel() != 1 << bits):
         raise ValueError(
             f"kbit: the codebook must be a contiguous float32 CPU tensor of 2^bits = {1 << bits} values (they are "
@@ -120,29 +121,37 @@ def _host_codebook(codebook: torch.Tensor, bits: int) -> int:
     return codebook.data_ptr()
 
 
+def _current_stream(t: torch.Tensor) -> int:
+    """The current CUDA stream of t's device as the raw handle the bindings take (no torch.cuda.Stream object)."""
+    return torch._C._cuda_getCurrentRawStream(t.get_device())
+
+
 # Workspace bytes of _C.wgmma per (device, M, N, K).
 _WGMMA_WORKSPACE_BYTES: dict[tuple[int, int, int, int], int] = {}
 
 
 def _gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, scale: torch.Tensor,
                codebook: torch.Tensor, bits: int) -> torch.Tensor:
+    # The host path of every eager call: attribute reads that make no Python objects (get_device, not x.device;
+    # the raw stream handle, not a torch.cuda.Stream), one allocation, a cached tuple for the tier.
     m, k = x.shape
     n = scale.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = x.new_empty((m, n))
     if m == 0:
         return out
     x = x.contiguous()
     dtype_code = _DTYPE_CODE[x.dtype]
     codebook_ptr = _host_codebook(codebook, bits)
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    tier = tier_name(x.device.index, m, n, k, bits)
+    stream = _current_stream(x)
+    device = x.get_device()
+    tier = tier_name(device, m, n, k, bits)
     if tier == "dequant_cublas":
-        weight = torch.empty((n, k), dtype=x.dtype, device=x.device)
+        weight = x.new_empty((n, k))
         _C.dequantize(weight.data_ptr(), qweight.data_ptr(), absmax.data_ptr(), scale.data_ptr(),
                       codebook_ptr, n, k, bits, dtype_code, stream)
         torch.mm(x, weight.t(), out=out)
     elif tier == "wgmma":
-        key = (x.device.index, m, n, k)
+        key = (device, m, n, k)
         size = _WGMMA_WORKSPACE_BYTES.get(key)
         if size is None:  # depends on the device and the product only: asked once, not per call
             size = _WGMMA_WORKSPACE_BYTES[key] = _C.wgmma_workspace(out.data_ptr(), m, n, k)
@@ -172,17 +181,27 @@ def _gemm_fake(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, sca
 _LIBRARY = torch.library.Library("kbit", "FRAGMENT")
 
 
-def _define_op(name: str, impl, fake) -> None:
-    """torch.ops.kbit.<name>: one Python impl for CPU and CUDA (it branches on the device), a shape-only fake."""
-    if hasattr(torch.ops.kbit, name):  # already defined in this process
-        return
-    _LIBRARY.define(name + torch.library.infer_schema(impl, mutates_args=()))
-    for key in ("CPU", "CUDA"):
-        _LIBRARY.impl(name, impl, key)
-    _LIBRARY._register_fake(name, fake)
+def _define_op(name: str, impl, fake):
+    """Defines torch.ops.kbit.<name> (one Python impl for CPU and CUDA, which branches on the device, and a
+    shape-only fake) and returns how layers call it: through the op while torch.compile traces (Dynamo must record
+    the op, and fake tensors must reach the fake), straight to ``impl`` in eager mode, where the dispatcher's round
+    trip into Python would add several µs of host time to every call and buy nothing."""
+    if not hasattr(torch.ops.kbit, name):  # else already defined in this process
+        _LIBRARY.define(name + torch.library.infer_schema(impl, mutates_args=()))
+        for key in ("CPU", "CUDA"):
+            _LIBRARY.impl(name, impl, key)
+        _LIBRARY._register_fake(name, fake)
+    op = getattr(torch.ops.kbit, name)
+
+    def layer_call(x: torch.Tensor, *args):
+        if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+            return op(x, *args)
+        return impl(x, *args)
+
+    return layer_call
 
 
-_define_op("gemm", gemm, _gemm_fake)
+layer_gemm = _define_op("gemm", gemm, _gemm_fake)
 
 
 # ===================================================================================================
@@ -243,7 +262,7 @@ def _decode_kernel_layout_cuda(qweight: torch.Tensor, absmax: torch.Tensor, scal
     out = torch.empty((*scale.shape, in_features), dtype=dtype, device=scale.device)
     _C.dequantize(out.data_ptr(), qweight.data_ptr(), absmax.data_ptr(), scale.data_ptr(),
                   _host_codebook(codebook, bits), scale.numel(), in_features, bits, _DTYPE_CODE[dtype],
-                  torch.cuda.current_stream(scale.device).cuda_stream)
+                  _current_stream(scale))
     return out
 
 
@@ -284,7 +303,7 @@ def _moe_experts_grouped(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: 
                    w13_scale.data_ptr(), w2_qweight.data_ptr(), w2_absmax.data_ptr(), w2_scale.data_ptr(),
                    _host_codebook(codebook, bits), m, top_k, experts, hidden, intermediate, bits,
                    _MOE_ACTIVATION_CODE[activation], _DTYPE_CODE[x.dtype],
-                   torch.cuda.current_stream(x.device).cuda_stream)
+                   _current_stream(x))
     return out
 
 
@@ -320,4 +339,4 @@ def _moe_experts_fake(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: tor
     return torch.empty_like(x)
 
 
-_define_op("moe_experts", moe_experts, _moe_experts_fake)
+layer_moe_experts = _define_op("moe_experts", moe_experts, _moe_experts_fake)
