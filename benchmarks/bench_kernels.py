@@ -10,7 +10,10 @@ per-call time is the median over REPEATS replays of elapsed / R, after WARMUP_MS
 are torch.randn. The sweep makes one pass over the layers per range of PASS_RANGES (M <= 64 first), so that no
 configuration follows a much heavier one (see PASS_RANGES). Every kbit configuration (and every Marlin / bnb one)
 is checked against an fp32 reference before it is timed; a wrong kbit result aborts the run. Also measures the eager
-host overhead of one kbit call at M=1.
+host time of one call at M=1, three ways: as a layer runs it in eager mode (``kbit_layer_eager_host``:
+ops.layer_gemm, which skips the dispatcher), through the op (``kbit_eager_host``: torch.ops.kbit.gemm, as compiled
+code calls it) and the binding's launch alone (``kbit_launch_eager_host``: _C.mma with ready pointers, the floor under both),
+next to F.linear's (``fp16_eager_host``).
 
 Impls: ``kbit`` (k = 2..5, random weights quantized with vllm_kbit.format.quantize), ``fp16`` (cuBLAS via
 F.linear, in fp16 or bf16: the record's dtype says which), ``marlin_int4`` (vLLM GPTQ Marlin, uint4b8, group
@@ -32,7 +35,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -110,6 +113,8 @@ class Case:
     copies: int
     run: Callable[[torch.Tensor, int], torch.Tensor]
     reference: Callable[[torch.Tensor], torch.Tensor] | None  # fp32 x @ W^T; None: not checked (the cuBLAS ruler)
+    # impl name -> x -> a call with weight copy 0, as an eager caller makes it (the eager host overhead records)
+    eager: dict[str, Callable[[torch.Tensor], Callable[[], object]]] = field(default_factory=dict)
 
 
 def copies_for(bytes_per_copy: int, l2_bytes: int) -> int:
@@ -125,7 +130,8 @@ def copies_for(bytes_per_copy: int, l2_bytes: int) -> int:
 def fp16_case(shape: Shape, dtype: torch.dtype, l2_bytes: int, device: torch.device) -> Case:
     first = torch.randn(shape.n, shape.k, device=device, dtype=dtype)
     weights = [first] + [torch.randn_like(first) for _ in range(copies_for(first.nbytes, l2_bytes) - 1)]
-    return Case("fp16", None, len(weights), lambda x, i: torch.nn.functional.linear(x, weights[i]), None)
+    return Case("fp16", None, len(weights), lambda x, i: torch.nn.functional.linear(x, weights[i]), None,
+                {"fp16_eager_host": lambda x: functools.partial(torch.nn.functional.linear, x, first)})
 
 
 def dequantize_rows(t: kfmt.KbitTensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -152,7 +158,21 @@ def kbit_case(shape: Shape, bits: int, l2_bytes: int, device: torch.device) -> C
         w = weights[i]
         return torch.ops.kbit.gemm(x, w["qweight"], w["qweight_absmax"], w["weight_scale"], codebook, bits)
 
-    return Case("kbit", bits, len(weights), run, lambda x: x.float() @ reference_weight.T)
+    args = (first["qweight"], first["qweight_absmax"], first["weight_scale"], codebook, bits)
+
+    def launch_only(x: torch.Tensor) -> Callable[[], object]:
+        """The M = 1 tier's launch through the binding, every pointer ready: what no Python wrapper can go below."""
+        assert kops.tier_name(x.get_device(), x.shape[0], shape.n, shape.k, bits) == "mma"
+        out = torch.empty(x.shape[0], shape.n, dtype=x.dtype, device=x.device)
+        ptrs = (out.data_ptr(), x.data_ptr(), *(t.data_ptr() for t in args[:4]))
+        rest = (x.shape[0], shape.n, shape.k, bits, 0 if x.dtype == torch.float16 else 1,
+                torch.cuda.current_stream().cuda_stream)
+        return functools.partial(kops._C.mma, *ptrs, *rest)
+
+    eager = {"kbit_layer_eager_host": lambda x: functools.partial(kops.layer_gemm, x, *args),
+             "kbit_eager_host": lambda x: functools.partial(torch.ops.kbit.gemm, x, *args),
+             "kbit_launch_eager_host": launch_only}
+    return Case("kbit", bits, len(weights), run, lambda x: x.float() @ reference_weight.T, eager)
 
 
 def unpack_gptq_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -296,6 +316,12 @@ def eager_host_us(call: Callable[[], torch.Tensor]) -> float:
     return statistics.median(samples)
 
 
+def add_eager_host(case: Case, shape: Shape, bits: int | None, device: torch.device, writer: RecordWriter) -> None:
+    x = torch.randn(1, shape.k, device=device, dtype=torch.float16)
+    for impl, make_call in case.eager.items():
+        writer.add(shape, 1, bits, "fp16", impl, eager_host_us(make_call(x)))
+
+
 def check(case: Case, x: torch.Tensor, what: str) -> None:
     out = case.run(x, 0).float()
     ref = case.reference(x)
@@ -370,16 +396,14 @@ def bench_shape(shape: Shape, settings: Settings, ms: tuple[int, ...], baselines
         case = fp16_case(shape, DTYPES[dtype], l2, device)
         bench_case(case, shape, dtype, ms, device, writer)
         if eager and dtype == "fp16":
-            x = torch.randn(1, shape.k, device=device, dtype=torch.float16)
-            writer.add(shape, 1, None, dtype, "fp16_eager_host", eager_host_us(functools.partial(case.run, x, 0)))
+            add_eager_host(case, shape, None, device, writer)
         del case
     for bits in settings.bits:
         case = kbit_case(shape, bits, l2, device)
         for dtype in settings.dtypes:
             bench_case(case, shape, dtype, ms, device, writer)  # WrongResult propagates: the run aborts
         if eager:
-            x = torch.randn(1, shape.k, device=device, dtype=torch.float16)
-            writer.add(shape, 1, bits, "fp16", "kbit_eager_host", eager_host_us(functools.partial(case.run, x, 0)))
+            add_eager_host(case, shape, bits, device, writer)
         del case
     for impl, handle in baselines.items():
         build = BASELINES[impl][1]
