@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
         row_scale[j] = has_rows ? __ldg(p.scale + rowtile * kTileRows + G + 8 * j) * 16.f : 0.f;
     }
     const uint32_t lut_address = static_cast<uint32_t>(__cvta_generic_to_shared(lut));
-    const uint32_t copy_bytes = lane * Lut<BITS>::kEntryBytes;
+    const uint32_t copy_bytes = Lut<BITS>::copy_bytes(lane);
     float acc[2][TOKENS / 2];
 #pragma unroll
     for (int rt = 0; rt < 2; ++rt) {
