@@ -12,8 +12,8 @@ configuration follows a much heavier one (see PASS_RANGES). Every kbit configura
 is checked against an fp32 reference before it is timed; a wrong kbit result aborts the run. Also measures the eager
 host time of one call at M=1, three ways: as a layer runs it in eager mode (``kbit_layer_eager_host``:
 ops.layer_gemm, which skips the dispatcher), through the op (``kbit_eager_host``: torch.ops.kbit.gemm, as compiled
-code calls it) and the binding's launch alone (``kbit_launch_eager_host``: _C.mma with ready pointers, the floor under both),
-next to F.linear's (``fp16_eager_host``).
+code calls it) and the binding's launch alone (``kbit_launch_eager_host``: _C.mma with ready pointers, the floor
+under both), next to F.linear's (``fp16_eager_host``).
 
 Impls: ``kbit`` (k = 2..5, random weights quantized with vllm_kbit.format.quantize), ``fp16`` (cuBLAS via
 F.linear, in fp16 or bf16: the record's dtype says which), ``marlin_int4`` (vLLM GPTQ Marlin, uint4b8, group
@@ -165,8 +165,7 @@ def kbit_case(shape: Shape, bits: int, l2_bytes: int, device: torch.device) -> C
         assert kops.tier_name(x.get_device(), x.shape[0], shape.n, shape.k, bits) == "mma"
         out = torch.empty(x.shape[0], shape.n, dtype=x.dtype, device=x.device)
         ptrs = (out.data_ptr(), x.data_ptr(), *(t.data_ptr() for t in args[:4]))
-        rest = (x.shape[0], shape.n, shape.k, bits, 0 if x.dtype == torch.float16 else 1,
-                torch.cuda.current_stream().cuda_stream)
+        rest = (x.shape[0], shape.n, shape.k, bits, kops._DTYPE_CODE[x.dtype], torch.cuda.current_stream().cuda_stream)
         return functools.partial(kops._C.mma, *ptrs, *rest)
 
     eager = {"kbit_layer_eager_host": lambda x: functools.partial(kops.layer_gemm, x, *args),
