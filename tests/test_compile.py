@@ -72,3 +72,21 @@ def test_eager_layer_skips_the_dispatcher(kbit_layer):
                                      kbit_layer.kbit_codebook, 3) + kbit_layer.bias
     assert torch.ops.kbit.gemm.default in called  # the recorder does see the op when it is called
     torch.testing.assert_close(eager, via_op)
+
+
+def test_layer_entry_takes_the_op_for_fake_and_meta_tensors_and_under_the_profiler(kbit_layer):
+    # Fake and meta tensors need the op's fake; a profile names each op call: ops.layer_gemm goes through the op.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from vllm_kbit import ops
+
+    weights = (kbit_layer.qweight, kbit_layer.qweight_absmax, kbit_layer.weight_scale)
+    codebook = kbit_layer.kbit_codebook
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = ops.layer_gemm(torch.empty(3, 256), *weights, codebook, 3)
+    assert fake.shape == (3, 96) and type(fake) is not torch.Tensor
+    meta = ops.layer_gemm(torch.empty(3, 256, device="meta"), *(w.to("meta") for w in weights), codebook, 3)
+    assert meta.is_meta and meta.shape == (3, 96)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        kbit_layer(torch.randn(3, 256))
+    assert "kbit::gemm" in {event.name for event in profile.events()}

@@ -16,7 +16,7 @@ the weight: rows of w1/w3, K of w2 -- whole 32-wide blocks, as the K-packing kee
 "channel" scales (w1/w3 sliced by rows, w2 copied whole on every rank).
 
 After loading, the tensors are re-packed into the device's layout (ops.prepare_weight) and run by
-``torch.ops.kbit.moe_experts``.
+``torch.ops.kbit.moe_experts`` (through ops.layer_moe_experts).
 """
 
 from __future__ import annotations

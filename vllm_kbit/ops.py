@@ -1,5 +1,5 @@
-"""The ``torch.ops.kbit`` custom ops: the only way model code reaches kbit kernels (layers call them through
-``layer_gemm`` / ``layer_moe_experts``, which skip the dispatcher in eager mode).
+"""The ``torch.ops.kbit`` custom ops, and the entry points through which layers run them: ``layer_gemm`` and
+``layer_moe_experts`` call the op under torch.compile and its implementation directly in plain eager mode.
 
 Every choice that depends on M (tokens in the batch) happens inside the op, where torch.compile
 cannot freeze it; the fake implementation gives Dynamo shapes only. The op works on the layer's
@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.autograd import profiler as _autograd_profiler
 
 from vllm_kbit import capabilities, format as kfmt
 
@@ -121,9 +122,9 @@ def _host_codebook(codebook: torch.Tensor, bits: int) -> int:
     return codebook.data_ptr()
 
 
-def _current_stream(t: torch.Tensor) -> int:
-    """The current CUDA stream of t's device as the raw handle the bindings take (no torch.cuda.Stream object)."""
-    return torch._C._cuda_getCurrentRawStream(t.get_device())
+def _current_stream(device_index: int) -> int:
+    """The device's current CUDA stream as the raw handle the bindings take (no torch.cuda.Stream object)."""
+    return torch._C._cuda_getCurrentRawStream(device_index)
 
 
 # Workspace bytes of _C.wgmma per (device, M, N, K).
@@ -133,7 +134,7 @@ _WGMMA_WORKSPACE_BYTES: dict[tuple[int, int, int, int], int] = {}
 def _gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, scale: torch.Tensor,
                codebook: torch.Tensor, bits: int) -> torch.Tensor:
     # The host path of every eager call: attribute reads that make no Python objects (get_device, not x.device;
-    # the raw stream handle, not a torch.cuda.Stream), one allocation, a cached tuple for the tier.
+    # the raw stream handle, not a torch.cuda.Stream) and a cached tuple for the tier.
     m, k = x.shape
     n = scale.shape[0]
     out = x.new_empty((m, n))
@@ -142,8 +143,8 @@ def _gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, sca
     x = x.contiguous()
     dtype_code = _DTYPE_CODE[x.dtype]
     codebook_ptr = _host_codebook(codebook, bits)
-    stream = _current_stream(x)
     device = x.get_device()
+    stream = _current_stream(device)
     tier = tier_name(device, m, n, k, bits)
     if tier == "dequant_cublas":
         weight = x.new_empty((n, k))
@@ -155,7 +156,7 @@ def _gemm_cuda(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, sca
         size = _WGMMA_WORKSPACE_BYTES.get(key)
         if size is None:  # depends on the device and the product only: asked once, not per call
             size = _WGMMA_WORKSPACE_BYTES[key] = _C.wgmma_workspace(out.data_ptr(), m, n, k)
-        workspace = torch.empty(size, dtype=torch.uint8, device=x.device)
+        workspace = x.new_empty(size, dtype=torch.uint8)
         _C.wgmma(out.data_ptr(), x.data_ptr(), qweight.data_ptr(), absmax.data_ptr(), scale.data_ptr(),
                  codebook_ptr, workspace.data_ptr(), m, n, k, bits, dtype_code, stream)
     else:
@@ -183,10 +184,13 @@ _LIBRARY = torch.library.Library("kbit", "FRAGMENT")
 
 def _define_op(name: str, impl, fake):
     """Defines torch.ops.kbit.<name> (one Python impl for CPU and CUDA, which branches on the device, and a
-    shape-only fake) and returns how layers call it: through the op while torch.compile traces (Dynamo must record
-    the op, and fake tensors must reach the fake), straight to ``impl`` in eager mode, where the dispatcher's round
-    trip into Python would add several µs of host time to every call and buy nothing."""
-    if not hasattr(torch.ops.kbit, name):  # else already defined in this process
+    shape-only fake) and returns how layers call it: a plain eager call goes straight to ``impl``, since the
+    dispatcher's round trip into Python adds about 5 µs of host time to every call and buys it nothing; the op is
+    called while torch.compile traces (Dynamo must record it), for fake and meta tensors (they need the fake), and
+    under the profiler (its trace names each op call). A TorchDispatchMode over real tensors sees the
+    implementation's own calls, not the op.
+    """
+    if not hasattr(torch.ops.kbit, name):  # else defined by an earlier import of this module (with the same impl)
         _LIBRARY.define(name + torch.library.infer_schema(impl, mutates_args=()))
         for key in ("CPU", "CUDA"):
             _LIBRARY.impl(name, impl, key)
@@ -194,9 +198,10 @@ def _define_op(name: str, impl, fake):
     op = getattr(torch.ops.kbit, name)
 
     def layer_call(x: torch.Tensor, *args):
-        if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
-            return op(x, *args)
-        return impl(x, *args)
+        if (type(x) is torch.Tensor and not x.is_meta and not torch.compiler.is_compiling()
+                and not _autograd_profiler._is_profiler_enabled):
+            return impl(x, *args)
+        return op(x, *args)
 
     return layer_call
 
@@ -262,7 +267,7 @@ def _decode_kernel_layout_cuda(qweight: torch.Tensor, absmax: torch.Tensor, scal
     out = torch.empty((*scale.shape, in_features), dtype=dtype, device=scale.device)
     _C.dequantize(out.data_ptr(), qweight.data_ptr(), absmax.data_ptr(), scale.data_ptr(),
                   _host_codebook(codebook, bits), scale.numel(), in_features, bits, _DTYPE_CODE[dtype],
-                  _current_stream(scale))
+                  _current_stream(scale.get_device()))
     return out
 
 
@@ -303,7 +308,7 @@ def _moe_experts_grouped(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: 
                    w13_scale.data_ptr(), w2_qweight.data_ptr(), w2_absmax.data_ptr(), w2_scale.data_ptr(),
                    _host_codebook(codebook, bits), m, top_k, experts, hidden, intermediate, bits,
                    _MOE_ACTIVATION_CODE[activation], _DTYPE_CODE[x.dtype],
-                   _current_stream(x))
+                   _current_stream(x.get_device()))
     return out
 
 
