@@ -11,8 +11,11 @@
 // would double the tensor-core work). The fragment of lane c holds inputs 8 c .. 8 c + 7 of each 32-input block, so
 // the MMA's input order within a block is a permutation of x's: logical input 8 h + 2 c + u of step s is input
 // 8 c + 4 s + 2 h + u (u = 0, 1), a 4 x 4 transpose of the block's 32-bit words. A first launch writes x in that
-// order (x_mma, a workspace); the main launch copies it with cp.async into the MMA's layout (K-major, 128-byte
-// swizzle: 64 inputs per 128-byte row, the 16-byte chunk index XOR the row mod 8), four column tiles deep.
+// order as an image of the MMA's shared-memory operand (a workspace): per token tile and column tile, the bytes that
+// the operand buffer holds (K-major, 128-byte swizzle: 64 inputs per 128-byte row, the 16-byte chunk index XOR the
+// row mod 8; zeros past M and K). So the main launch copies a column tile with one bulk copy (the TMA engine),
+// issued by one thread and completing on an mbarrier, four column tiles deep, instead of every thread copying 16-byte
+// pieces with cp.async and waiting for them.
 //
 // Work split. A block (two warpgroups, 8 warps) computes 8 row tiles (256 outputs) x TOKENS tokens over one K-slice
 // of column tiles. Where there are fewer such blocks than multiprocessors, K is split (as long as the blocks still
@@ -45,7 +48,10 @@ __host__ __device__ constexpr int tokens_for(int m) { return m <= kFewTokens ? k
 __host__ __device__ constexpr int atom_bytes(int tokens) { return tokens * kRowBytes; }
 __host__ __device__ constexpr int operand_bytes(int tokens) { return 2 * atom_bytes(tokens); }
 
-constexpr size_t wgmma_smem(int lut_bytes, int tokens) { return kAlign + kStages * operand_bytes(tokens) + lut_bytes; }
+// The operand buffers, the table, then one mbarrier per buffer (the table's bytes are a multiple of 16).
+constexpr size_t wgmma_smem(int lut_bytes, int tokens) {
+    return kAlign + kStages * operand_bytes(tokens) + lut_bytes + kStages * sizeof(uint64_t);
+}
 
 // Tiles in flight per lane (the register ring). At 128 tokens: as many as fit next to 128 accumulators and 16 A
 // registers without spills in the main loop (the epilogue's row addresses spill 56-72 bytes). At 64 tokens (64
@@ -64,7 +70,7 @@ struct WgmmaParams {
     const uint4* absmax;
     const float* scale;
     const float* codebook;  // in the workspace, where the input-order launch writes it
-    const void* x_mma;  // x [m, k] in the MMA's input order
+    const uint8_t* x_image;  // [token_tiles][groups] operand images (x in the MMA's input order, swizzled)
     void* out;          // [m, n] of T, where slices == 1
     float* partial;     // [slices, m, n] fp32, where slices > 1
     int m, n, k, groups, rowtiles;
@@ -73,17 +79,25 @@ struct WgmmaParams {
     int slice_tiles;   // column tiles per K-slice
 };
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+__device__ __forceinline__ void mbarrier_init(uint32_t barrier, uint32_t arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(barrier), "r"(arrivals) : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+// The initialised mbarriers become visible to the bulk copies (async proxy).
+__device__ __forceinline__ void fence_mbarrier_init() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+// bytes (a multiple of 16, both addresses 16-byte aligned) from global to shared memory by the TMA engine; the
+// mbarrier (one arrival) completes its phase once they have landed.
+__device__ __forceinline__ void bulk_copy_to_shared(uint32_t dst, const void* src, uint32_t bytes, uint32_t barrier) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(barrier), "r"(bytes) : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(dst), "l"(src), "r"(bytes), "r"(barrier) : "memory");
 }
-
-// Shared-memory writes of the threads (generic proxy) become visible to the MMAs (async proxy).
-__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ __forceinline__ void mbarrier_wait(uint32_t barrier, uint32_t parity) {
+    uint32_t done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(barrier), "r"(parity) : "memory");
+    } while (!done);
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N>
@@ -142,22 +156,39 @@ __device__ __forceinline__ void wgmma_m64k16(float (&d)[TOKENS / 2], const uint3
 #undef KBIT_WGMMA_M64N64K16
 #undef KBIT_ACC8
 
-// x_mma = x with the 32-bit words of each 32-input block transposed (4 x 4): word 4 q + c of a block is x's word
-// 4 c + q. One thread per (token, block). It also writes the codebook, which arrives by value, to the workspace: the
-// main kernel reads it from there after its wait, as it reads x_mma. (With the codebook by value in the main
-// kernel's own parameters, as in the MMA tier, ptxas rematerialized the epilogue's addresses instead of spilling
-// them: 1.8x the instructions, and 2-17% slower at M = 64..256; benchmarks/kernel_experiments.md.)
-__global__ void mma_order_kernel(uint4* x_mma, const uint4* x, long long blocks, float* codebook_out,
-                                 const Codebook codebook) {
+// The operand images of x: [token tile][column tile][2 atoms][tokens][128 bytes], each 16-byte piece (8 inputs) at
+// its swizzled place, holding x with the 32-bit words of each 32-input block transposed (4 x 4): word 4 q + c of a
+// block is x's word 4 c + q, so piece q of a block is (word q of each of x's four pieces). Zeros for the tokens past
+// M of the last token tile and the blocks past K of the last column tile. One thread per (token, block) of the padded
+// x. It also writes the codebook, which arrives by value, to the workspace: the main kernel reads it from there after
+// its wait, as it reads the images. (With the codebook by value in the main kernel's own parameters, as in the MMA
+// tier, ptxas rematerialized the epilogue's addresses instead of spilling them: 1.8x the instructions, and 2-17%
+// slower at M = 64..256; benchmarks/kernel_experiments.md.)
+__global__ void mma_image_kernel(uint4* image, const uint4* x, int m, int k, int tokens, long long padded_blocks,
+                                 float* codebook_out, const __grid_constant__ Codebook codebook) {
     allow_next_grid();  // the main launch may start loading its first weight tiles
     const long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
     if (i < kMaxCodebook) codebook_out[i] = codebook.value[i];
-    if (i >= blocks) return;
-    const uint4 v0 = x[4 * i], v1 = x[4 * i + 1], v2 = x[4 * i + 2], v3 = x[4 * i + 3];
-    x_mma[4 * i] = make_uint4(v0.x, v1.x, v2.x, v3.x);
-    x_mma[4 * i + 1] = make_uint4(v0.y, v1.y, v2.y, v3.y);
-    x_mma[4 * i + 2] = make_uint4(v0.z, v1.z, v2.z, v3.z);
-    x_mma[4 * i + 3] = make_uint4(v0.w, v1.w, v2.w, v3.w);
+    if (i >= padded_blocks) return;
+    const int groups = k_groups(k), row_blocks = groups * kTileBlocks;
+    const long long token = i / row_blocks;
+    const int block = static_cast<int>(i % row_blocks);
+    uint4 v0{}, v1{}, v2{}, v3{};
+    if (token < m && block * kBlockSize < k) {
+        const uint4* src = x + (token * k + block * kBlockSize) / 8;
+        v0 = src[0], v1 = src[1], v2 = src[2], v3 = src[3];
+    }
+    const int row = static_cast<int>(token % tokens), first_piece = (block % kTileBlocks) * 4;
+    uint4* const dst = image + ((token / tokens) * groups + block / kTileBlocks) * (operand_bytes(tokens) / 16) +
+                       row * (kRowBytes / 16);
+    const auto put = [&](int q, const uint4& words) {
+        const int piece = first_piece + q;
+        dst[(piece / 8) * (atom_bytes(tokens) / 16) + ((piece % 8) ^ (row % 8))] = words;
+    };
+    put(0, make_uint4(v0.x, v1.x, v2.x, v3.x));
+    put(1, make_uint4(v0.y, v1.y, v2.y, v3.y));
+    put(2, make_uint4(v0.z, v1.z, v2.z, v3.z));
+    put(3, make_uint4(v0.w, v1.w, v2.w, v3.w));
 }
 
 template <int BITS, typename T, int TOKENS>
@@ -167,6 +198,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
     const uint32_t unaligned = static_cast<uint32_t>(__cvta_generic_to_shared(smem_unaligned));
     const uint32_t operand = (unaligned + kAlign - 1) & ~uint32_t{kAlign - 1};  // [kStages][2 atoms][TOKENS][128 B]
     uint4* const lut = reinterpret_cast<uint4*>(smem_unaligned + (operand - unaligned) + kStages * kOperandBytes);
+    const uint32_t full = operand + kStages * kOperandBytes + Lut<BITS>::kBytes;  // [kStages] mbarriers
     constexpr int R = wgmma_ring_depth<BITS, TOKENS>();
 
     const int lane = threadIdx.x & 31, warp = __shfl_sync(~0u, threadIdx.x >> 5, 0);
@@ -179,33 +211,20 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
     const int first_kt = slice * p.slice_tiles, tiles = min(p.groups - first_kt, p.slice_tiles);
     const int first_token = token_tile * TOKENS;
 
-    // Column tile t of the slice into operand buffer t % kStages, zeros past M and K; one commit group per call.
-    // Thread i copies piece i % 16 (8 inputs in MMA order) of tokens i / 16 + 16 j, so its swizzled offsets and
-    // row checks are fixed for the block.
-    constexpr int kPieces = TOKENS * (kTileK / 8) / kThreads;  // per thread
-    static_assert(kThreads * kPieces == TOKENS * (kTileK / 8) && kThreads / 16 == 16, "tokens i / 16 + 16 j");
-    const int piece = threadIdx.x % 16, token = threadIdx.x / 16;
-    const uint32_t piece_dst =
-        operand + (piece / 8) * kAtomBytes + token * kRowBytes + ((piece % 8) ^ (token % 8)) * 16;
-    const __half* piece_src = static_cast<const __half*>(p.x_mma) + static_cast<size_t>(first_token + token) * p.k +
-                              first_kt * kTileK + piece * 8;
-    uint32_t rows_inside = 0;  // bit j: token + 16 j < M
-#pragma unroll
-    for (int j = 0; j < kPieces; ++j) rows_inside |= (first_token + token + 16 * j < p.m ? 1u : 0u) << j;
+    // Column tile t of the slice into operand buffer t % kStages: one bulk copy of its image, by thread 0, completing
+    // on mbarrier t % kStages (its phase t / kStages).
+    const uint8_t* const image = p.x_image + (static_cast<size_t>(token_tile) * p.groups + first_kt) * kOperandBytes;
     const auto stage_x = [&](int t) {
         if (t < tiles) {
-            const uint32_t rows = (first_kt + t) * kTileK + piece * 8 < p.k ? rows_inside : 0u;
-            const uint32_t buffer = (t % kStages) * kOperandBytes;
-#pragma unroll
-            for (int j = 0; j < kPieces; ++j) {
-                const bool valid = (rows >> j) & 1;
-                const __half* src = valid ? piece_src + static_cast<size_t>(16 * j) * p.k + t * kTileK
-                                          : static_cast<const __half*>(p.x_mma);
-                cp_async16(piece_dst + buffer + j * 16 * kRowBytes, src, valid);
-            }
+            bulk_copy_to_shared(operand + (t % kStages) * kOperandBytes, image + static_cast<size_t>(t) * kOperandBytes,
+                                kOperandBytes, full + (t % kStages) * sizeof(uint64_t));
         }
-        cp_async_commit();
     };
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int s = 0; s < kStages; ++s) mbarrier_init(full + s * sizeof(uint64_t), 1);
+        fence_mbarrier_init();
+    }
 
     // The warp's weight tiles, R ahead. Every load is made, from an address clamped into the weight (row tile 0 for a
     // warp past the last row tile, whose sums are never stored; the slice's last tile past its end, never decoded):
@@ -224,9 +243,11 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
     };
 #pragma unroll
     for (int i = 0; i < R; ++i) load(i, i);
-    wait_for_prior_grid();  // x_mma
-    stage_x(0);
-    stage_x(1);
+    wait_for_prior_grid();  // the images
+    if (threadIdx.x == 0) {
+        stage_x(0);
+        stage_x(1);
+    }
     build_lut<BITS, T>(lut, __ldg(p.codebook + (lane & ((1 << BITS) - 1))));
     // Rows G + 8 j of the warp's row tile, x 16: the MMA sums carry absmax / 16 (e4m4_pair_as_half2_div16).
     float row_scale[kLaneRows];
@@ -248,12 +269,11 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
         for (int slot = 0; slot < R; ++slot) {
             const int t = base + slot;
             if (t >= tiles) break;  // uniform across the block
-            cp_async_wait<1>();     // this thread's copy of tile t
-            fence_async_shared();
-            // Every copy of tile t (and, at t = 0, the table); both warpgroups are past the last step of tile t - 1,
-            // so tile t - 2's MMAs, the last readers of buffer (t + 2) % kStages, are done (wait_group 1).
+            // Both warpgroups are past the last step of tile t - 1, so tile t - 2's MMAs, the last readers of buffer
+            // (t + 2) % kStages, are done (wait_group 1); at t = 0, the table and the mbarriers are ready.
             __syncthreads();
-            stage_x(t + 2);
+            if (threadIdx.x == 0) stage_x(t + 2);
+            mbarrier_wait(full + (t % kStages) * sizeof(uint64_t), (t / kStages) & 1);
             const uint32_t buffer = operand + (t % kStages) * kOperandBytes;
 #pragma unroll
             for (int b = 0; b < kTileBlocks; ++b) {
@@ -373,8 +393,11 @@ WgmmaSplit wgmma_split(int m, int n, int k) {
     return best;
 }
 
-// The workspace: x in MMA order, then (with K-slices) the slices' fp32 sums, then the codebook.
-size_t x_mma_bytes(int m, int k) { return (static_cast<size_t>(m) * k * 2 + 255) / 256 * 256; }
+// The workspace: the operand images of x, then (with K-slices) the slices' fp32 sums, then the codebook.
+size_t x_image_bytes(int m, int k) {
+    const int tokens = tokens_for(m);
+    return static_cast<size_t>((m + tokens - 1) / tokens) * k_groups(k) * operand_bytes(tokens);
+}
 
 long long partial_bytes(const WgmmaSplit& split, int m, int n) {
     return split.slices > 1 ? static_cast<long long>(split.slices) * m * n * 4 : 0;
@@ -397,7 +420,7 @@ void launch_wgmma(const WgmmaParams& p, int blocks, cudaStream_t stream) {
 }  // namespace
 
 long long wgmma_workspace_bytes(int m, int n, int k) {
-    return static_cast<long long>(x_mma_bytes(m, k)) + partial_bytes(wgmma_split(m, n, k), m, n) +
+    return static_cast<long long>(x_image_bytes(m, k)) + partial_bytes(wgmma_split(m, n, k), m, n) +
            kMaxCodebook * static_cast<long long>(sizeof(float));
 }
 
@@ -407,17 +430,19 @@ void wgmma(void* out, const void* x, const KernelWeight& w, int m, DType dtype, 
         throw std::invalid_argument("vllm_kbit.wgmma: M must be in 1..2^31 - 129");
     }
     const WgmmaSplit split = wgmma_split(m, w.n, w.k);
-    auto* x_mma = static_cast<uint4*>(workspace);
-    char* after_x = static_cast<char*>(workspace) + x_mma_bytes(m, w.k);
+    auto* x_image = static_cast<uint8_t*>(workspace);
+    uint8_t* after_x = x_image + x_image_bytes(m, w.k);
     float* partial = split.slices > 1 ? reinterpret_cast<float*>(after_x) : nullptr;
     auto* codebook = reinterpret_cast<float*>(after_x + partial_bytes(split, m, w.n));
-    const long long x_blocks = static_cast<long long>(m) * w.k / kBlockSize;
-    constexpr int kOrderThreads = 256;
-    mma_order_kernel<<<static_cast<unsigned>((x_blocks + kOrderThreads - 1) / kOrderThreads), kOrderThreads, 0,
-                       stream>>>(x_mma, static_cast<const uint4*>(x), x_blocks, codebook, w.codebook);
-    check_cuda(cudaGetLastError(), "wgmma input order launch");
+    const long long padded_blocks =
+        static_cast<long long>(split.token_tiles) * tokens_for(m) * k_groups(w.k) * kTileBlocks;
+    constexpr int kImageThreads = 256;
+    mma_image_kernel<<<static_cast<unsigned>((padded_blocks + kImageThreads - 1) / kImageThreads), kImageThreads, 0,
+                       stream>>>(reinterpret_cast<uint4*>(x_image), static_cast<const uint4*>(x), m, w.k,
+                                 tokens_for(m), padded_blocks, codebook, w.codebook);
+    check_cuda(cudaGetLastError(), "wgmma input image launch");
     const WgmmaParams p{static_cast<const uint4*>(w.qweight), static_cast<const uint4*>(w.absmax), w.scale,
-                        codebook, x_mma, out, partial, m, w.n, w.k, k_groups(w.k), w.n / kTileRows,
+                        codebook, x_image, out, partial, m, w.n, w.k, k_groups(w.k), w.n / kTileRows,
                         split.token_tiles, split.slices, split.slice_tiles};
     with_bits_and_dtype(w.bits, dtype, [&](auto bits_constant, auto act) {
         constexpr int B = decltype(bits_constant)::value;
