@@ -20,9 +20,10 @@
 // Work split. A block (two warpgroups, 8 warps) computes 8 row tiles (256 outputs) x TOKENS tokens over one K-slice
 // of column tiles. Where there are fewer such blocks than multiprocessors, K is split (as long as the blocks still
 // fit in one wave), the fp32 sums of the slices go to the workspace, and a last launch adds them up in slice order
-// (deterministic). A k16 step's A registers are rewritten two steps later, after wgmma.wait_group 1; one barrier per
-// column tile makes the tile's copy visible to both warpgroups and frees the buffer two tiles back for the copy of
-// two tiles ahead.
+// (deterministic). A k16 step's A registers are rewritten two steps later, after wgmma.wait_group 1. The buffers
+// pass between the copies and the warps through mbarriers, without a block barrier: a buffer's "full" mbarrier
+// completes when its copy has landed, its "empty" one when every warp is done with it; thread 0 waits on that before
+// it copies the column tile two ahead into it (benchmarks/kernel_experiments.md, session 16).
 #include <algorithm>
 #include <limits>
 #include <type_traits>
@@ -48,9 +49,9 @@ __host__ __device__ constexpr int tokens_for(int m) { return m <= kFewTokens ? k
 __host__ __device__ constexpr int atom_bytes(int tokens) { return tokens * kRowBytes; }
 __host__ __device__ constexpr int operand_bytes(int tokens) { return 2 * atom_bytes(tokens); }
 
-// The operand buffers, the table, then one mbarrier per buffer (the table's bytes are a multiple of 16).
+// The operand buffers, the table, then two mbarriers per buffer (the table's bytes are a multiple of 16).
 constexpr size_t wgmma_smem(int lut_bytes, int tokens) {
-    return kAlign + kStages * operand_bytes(tokens) + lut_bytes + kStages * sizeof(uint64_t);
+    return kAlign + kStages * operand_bytes(tokens) + lut_bytes + 2 * kStages * sizeof(uint64_t);
 }
 
 // Tiles in flight per lane (the register ring). At 128 tokens: as many as fit next to 128 accumulators and 16 A
@@ -91,6 +92,10 @@ __device__ __forceinline__ void bulk_copy_to_shared(uint32_t dst, const void* sr
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                  ::"r"(dst), "l"(src), "r"(bytes), "r"(barrier) : "memory");
 }
+__device__ __forceinline__ void mbarrier_arrive(uint32_t barrier) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(barrier) : "memory");
+}
+// Until the mbarrier's phase of this parity has completed.
 __device__ __forceinline__ void mbarrier_wait(uint32_t barrier, uint32_t parity) {
     uint32_t done;
     do {
@@ -198,7 +203,11 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
     const uint32_t unaligned = static_cast<uint32_t>(__cvta_generic_to_shared(smem_unaligned));
     const uint32_t operand = (unaligned + kAlign - 1) & ~uint32_t{kAlign - 1};  // [kStages][2 atoms][TOKENS][128 B]
     uint4* const lut = reinterpret_cast<uint4*>(smem_unaligned + (operand - unaligned) + kStages * kOperandBytes);
-    const uint32_t full = operand + kStages * kOperandBytes + Lut<BITS>::kBytes;  // [kStages] mbarriers
+    // Per operand buffer: its copy has landed (one arrival and the copy's bytes); every warp is done with it (one
+    // arrival per warp).
+    const uint32_t full = operand + kStages * kOperandBytes + Lut<BITS>::kBytes;
+    const uint32_t empty = full + kStages * sizeof(uint64_t);
+    const auto barrier = [](uint32_t array, int t) { return array + (t % kStages) * sizeof(uint64_t); };
     constexpr int R = wgmma_ring_depth<BITS, TOKENS>();
 
     const int lane = threadIdx.x & 31, warp = __shfl_sync(~0u, threadIdx.x >> 5, 0);
@@ -212,17 +221,18 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
     const int first_token = token_tile * TOKENS;
 
     // Column tile t of the slice into operand buffer t % kStages: one bulk copy of its image, by thread 0, completing
-    // on mbarrier t % kStages (its phase t / kStages).
+    // phase t / kStages of the buffer's full mbarrier.
     const uint8_t* const image = p.x_image + (static_cast<size_t>(token_tile) * p.groups + first_kt) * kOperandBytes;
     const auto stage_x = [&](int t) {
-        if (t < tiles) {
-            bulk_copy_to_shared(operand + (t % kStages) * kOperandBytes, image + static_cast<size_t>(t) * kOperandBytes,
-                                kOperandBytes, full + (t % kStages) * sizeof(uint64_t));
-        }
+        bulk_copy_to_shared(operand + (t % kStages) * kOperandBytes, image + static_cast<size_t>(t) * kOperandBytes,
+                            kOperandBytes, barrier(full, t));
     };
     if (threadIdx.x == 0) {
 #pragma unroll
-        for (int s = 0; s < kStages; ++s) mbarrier_init(full + s * sizeof(uint64_t), 1);
+        for (int s = 0; s < kStages; ++s) {
+            mbarrier_init(barrier(full, s), 1);
+            mbarrier_init(barrier(empty, s), kWarps);
+        }
         fence_mbarrier_init();
     }
 
@@ -246,7 +256,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
     wait_for_prior_grid();  // the images
     if (threadIdx.x == 0) {
         stage_x(0);
-        stage_x(1);
+        if (tiles > 1) stage_x(1);
     }
     build_lut<BITS, T>(lut, __ldg(p.codebook + (lane & ((1 << BITS) - 1))));
     // Rows G + 8 j of the warp's row tile, x 16: the MMA sums carry absmax / 16 (e4m4_pair_as_half2_div16).
@@ -263,17 +273,23 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
 #pragma unroll
         for (int i = 0; i < TOKENS / 2; ++i) acc[rt][i] = 0.f;
     }
+    __syncthreads();  // the table and the mbarriers
     uint32_t a[2][2][4];  // [k16 step parity][row half rt]: read by the MMAs until two steps later
     for (int base = 0; base < tiles; base += R) {
 #pragma unroll
         for (int slot = 0; slot < R; ++slot) {
             const int t = base + slot;
             if (t >= tiles) break;  // uniform across the block
-            // Both warpgroups are past the last step of tile t - 1, so tile t - 2's MMAs, the last readers of buffer
-            // (t + 2) % kStages, are done (wait_group 1); at t = 0, the table and the mbarriers are ready.
-            __syncthreads();
-            if (threadIdx.x == 0) stage_x(t + 2);
-            mbarrier_wait(full + (t % kStages) * sizeof(uint64_t), (t / kStages) & 1);
+            // This warp is past the last step of tile t - 1, so its MMAs of tile t - 2, the last readers of buffer
+            // (t + 2) % kStages, are done (wait_group 1). Thread 0 copies tile t + 2 into that buffer once every
+            // warp has said so (its use by tile t - 2 is that mbarrier's phase (t - 2) / kStages); the warps wait only
+            // for the copy of tile t.
+            if (t >= 2 && lane == 0) mbarrier_arrive(barrier(empty, t + 2));
+            if (threadIdx.x == 0 && t + 2 < tiles) {
+                if (t >= 2) mbarrier_wait(barrier(empty, t + 2), ((t - 2) / kStages) & 1);
+                stage_x(t + 2);
+            }
+            mbarrier_wait(barrier(full, t), (t / kStages) & 1);
             const uint32_t buffer = operand + (t % kStages) * kOperandBytes;
 #pragma unroll
             for (int b = 0; b < kTileBlocks; ++b) {
