@@ -14,8 +14,8 @@
 // order as an image of the MMA's shared-memory operand (a workspace): per token tile and column tile, the bytes that
 // the operand buffer holds (K-major, 128-byte swizzle: 64 inputs per 128-byte row, the 16-byte chunk index XOR the
 // row mod 8; zeros past M and K). So the main launch copies a column tile with one bulk copy (the TMA engine),
-// issued by one thread and completing on an mbarrier, four column tiles deep, instead of every thread copying 16-byte
-// pieces with cp.async and waiting for them.
+// issued by one thread and completing on an mbarrier, into one of four buffers two column tiles ahead, instead of
+// every thread copying 16-byte pieces with cp.async and waiting for them.
 //
 // Work split. A block (two warpgroups, 8 warps) computes 8 row tiles (256 outputs) x TOKENS tokens over one K-slice
 // of column tiles. Where there are fewer such blocks than multiprocessors, K is split (as long as the blocks still
@@ -49,13 +49,14 @@ __host__ __device__ constexpr int tokens_for(int m) { return m <= kFewTokens ? k
 __host__ __device__ constexpr int atom_bytes(int tokens) { return tokens * kRowBytes; }
 __host__ __device__ constexpr int operand_bytes(int tokens) { return 2 * atom_bytes(tokens); }
 
-// The operand buffers, the table, then two mbarriers per buffer (the table's bytes are a multiple of 16).
+// The operand buffers, the table, then two mbarriers per buffer (8-byte aligned: the table's bytes are a multiple of
+// 16, asserted in wgmma_kernel).
 constexpr size_t wgmma_smem(int lut_bytes, int tokens) {
     return kAlign + kStages * operand_bytes(tokens) + lut_bytes + 2 * kStages * sizeof(uint64_t);
 }
 
 // Tiles in flight per lane (the register ring). At 128 tokens: as many as fit next to 128 accumulators and 16 A
-// registers without spills in the main loop (the epilogue's row addresses spill 56-72 bytes). At 64 tokens (64
+// registers without spills in the main loop (the epilogue's row addresses spill 56-76 bytes). At 64 tokens (64
 // accumulators) k = 4 takes 4 tiles (254 registers, no spills): on an H100 it ran 1.03-1.16x faster than with 2 at
 // M = 33..64 on the Llama-3 layers from qkv up (Qwen3-Next's 0.98-1.02x). k = 3 takes 4 and k = 5 (the largest
 // tiles) 3 by the same reasoning, not timed on their own; a ring of 6 for k = 2 ran 0.97-1.01x, so it keeps 4.
@@ -70,7 +71,7 @@ struct WgmmaParams {
     const uint4* qweight;
     const uint4* absmax;
     const float* scale;
-    const float* codebook;  // in the workspace, where the input-order launch writes it
+    const float* codebook;  // in the workspace, where the image launch writes it
     const uint8_t* x_image;  // [token_tiles][groups] operand images (x in the MMA's input order, swizzled)
     void* out;          // [m, n] of T, where slices == 1
     float* partial;     // [slices, m, n] fp32, where slices > 1
@@ -205,6 +206,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const WgmmaParams p)
     uint4* const lut = reinterpret_cast<uint4*>(smem_unaligned + (operand - unaligned) + kStages * kOperandBytes);
     // Per operand buffer: its copy has landed (one arrival and the copy's bytes); every warp is done with it (one
     // arrival per warp).
+    static_assert(Lut<BITS>::kBytes % 16 == 0, "the mbarriers after the table are 8-byte aligned");
     const uint32_t full = operand + kStages * kOperandBytes + Lut<BITS>::kBytes;
     const uint32_t empty = full + kStages * sizeof(uint64_t);
     const auto barrier = [](uint32_t array, int t) { return array + (t % kStages) * sizeof(uint64_t); };
