@@ -45,6 +45,8 @@ constexpr int kAlign = 1024;                         // the swizzle repeats ever
 
 // Operand B tokens of a launch for M tokens.
 __host__ __device__ constexpr int tokens_for(int m) { return m <= kFewTokens ? kFewTokens : kMaxTokens; }
+// Blocks along M, and operand images of x per column tile.
+constexpr int token_tiles_for(int m) { return (m + tokens_for(m) - 1) / tokens_for(m); }
 // Bytes of inputs 64 a .. 64 a + 63 of all tokens (an atom), of one column tile (128 inputs: two atoms).
 __host__ __device__ constexpr int atom_bytes(int tokens) { return tokens * kRowBytes; }
 __host__ __device__ constexpr int operand_bytes(int tokens) { return 2 * atom_bytes(tokens); }
@@ -397,7 +399,7 @@ struct WgmmaSplit {
 // fewer slices.
 WgmmaSplit wgmma_split(int m, int n, int k) {
     const int groups = k_groups(k), rowblocks = (n / kTileRows + kWarps - 1) / kWarps;
-    const int token_tiles = (m + tokens_for(m) - 1) / tokens_for(m), sms = multiprocessors();
+    const int token_tiles = token_tiles_for(m), sms = multiprocessors();
     WgmmaSplit best{token_tiles, 1, groups, rowblocks * token_tiles};
     double best_cost = static_cast<double>((best.blocks + sms - 1) / sms) * (groups + 1.0);
     for (int slices = 2; slices <= groups; slices *= 2) {
@@ -413,8 +415,7 @@ WgmmaSplit wgmma_split(int m, int n, int k) {
 
 // The workspace: the operand images of x, then (with K-slices) the slices' fp32 sums, then the codebook.
 size_t x_image_bytes(int m, int k) {
-    const int tokens = tokens_for(m);
-    return static_cast<size_t>((m + tokens - 1) / tokens) * k_groups(k) * operand_bytes(tokens);
+    return static_cast<size_t>(token_tiles_for(m)) * k_groups(k) * operand_bytes(tokens_for(m));
 }
 
 long long partial_bytes(const WgmmaSplit& split, int m, int n) {
