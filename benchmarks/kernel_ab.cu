@@ -138,7 +138,7 @@ void time_dense(const std::string& label, bool interleave, DenseTier tier, std::
                             {"Qwen3-Next o", 4096, 2048},        {"Qwen3-Next down", 5120, 2048},
                             {"Llama-3-70B gate_up", 8192, 57344}};
     const std::vector<int> token_counts = tier == DenseTier::kWgmma ? std::vector<int>{64, 128, 256, 384, 512, 768, 1024}
-                                                                     : std::vector<int>{1, 8, 16, 32, 64};
+                                                                     : std::vector<int>{1, 2, 8, 16, 32, 64};
     const int max_m = token_counts.back();
     cublasHandle_t cublas;
     check(cublasCreate(&cublas), "cublasCreate");
