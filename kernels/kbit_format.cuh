@@ -5,8 +5,8 @@
 // The kernels read the "kernel layout" made by format.py `to_kernel_layout` (see the "Kernel layout" section
 // there): tiles of kTileRows rows x kTileK inputs, one warp per tile. Lane l = 4 G + c owns rows G + 8 j
 // (j = 0..3) and inputs 32 b + 8 c + t (block b = 0..3, t = 0..7): the weights of its mma.sync m16n8k16 A
-// fragments. Its 128 indices, in the order (b, j, t), are a little-endian bit stream (weight i = 32 b + 8 j + t at
-// stream bits [bits*i, bits*i + bits)) of `bits` 16-byte vectors stored vector-major ([rowtile][g][v][lane][16 B]:
+// fragments. Its 128 indices, in the order of the fragments (stream_index), are a little-endian bit stream (weight
+// i at stream bits [bits*i, bits*i + bits)) of `bits` 16-byte vectors stored vector-major ([rowtile][g][v][lane][16 B]:
 // stream word w at vector w / 4, word w % 4). Absmax codes: [rowtile][g][4 G + b][j] (16 bytes per G).
 // K is padded to a multiple of kTileK with index 0 and absmax code 0.
 #pragma once
@@ -23,8 +23,13 @@ constexpr int kTileBlocks = kTileK / kBlockSize;     // format.KERNEL_TILE_BLOCK
 constexpr int kLaneRows = 4;                         // rows G + 8 j of a lane
 constexpr int kLaneInputs = 8;                       // inputs 32 b + 8 c + t of a lane per block
 
-// Position of weight (block b, row j, input t) in its lane's index stream.
-__host__ __device__ constexpr int stream_index(int b, int j, int t) { return 32 * b + 8 * j + t; }
+// Position of weight (block b, row j, input t) in its lane's index stream: with j = 2 rh + h and t = 4 s + 2 q + e,
+// 32 b + 16 rh + 8 s + 4 q + 2 h + e. Inputs t, t + 1 of a row (e = 0, 1) are adjacent, the pair-keyed tables' key;
+// k = 2's key, four weights, takes rows 2 rh and 2 rh + 1 of that pair (h = 0, 1), the two A registers that an
+// m16n8k16 MMA holds side by side, so that one 8-byte table read fills both (mma_core.cuh a_fragment).
+__host__ __device__ constexpr int stream_index(int b, int j, int t) {
+    return 32 * b + 16 * (j >> 1) + 8 * (t >> 2) + 4 * (t >> 1 & 1) + 2 * (j & 1) + (t & 1);
+}
 
 // format.kernel_k_groups
 __host__ __device__ constexpr int k_groups(int in_features) { return (in_features + kTileK - 1) / kTileK; }

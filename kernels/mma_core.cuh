@@ -248,15 +248,16 @@ template <int BITS>
 __device__ __forceinline__ void a_fragment(const uint32_t (&w)[4 * BITS], int b, int rt, int s, uint32_t lut,
                                            uint32_t copy_bytes, uint32_t (&a)[4]) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int j = 2 * rt + h;
+    for (int q = 0; q < 2; ++q) {
+        const int t = 4 * s + 2 * q;
         if constexpr (Lut<BITS>::kKeyWeights == 4) {
-            const uint2 v = lut_word_pair(key_address<BITS>(w, BITS * stream_index(b, j, 4 * s), lut, copy_bytes));
-            a[h] = v.x, a[2 + h] = v.y;
+            // one key: rows 2 rt, 2 rt + 1 x inputs t, t + 1 (stream_index), registers 2 q and 2 q + 1 side by side
+            const uint2 v = lut_word_pair(key_address<BITS>(w, BITS * stream_index(b, 2 * rt, t), lut, copy_bytes));
+            a[2 * q] = v.x, a[2 * q + 1] = v.y;
         } else {
 #pragma unroll
-            for (int q = 0; q < 2; ++q) {
-                const int t = 4 * s + 2 * q;
+            for (int h = 0; h < 2; ++h) {
+                const int j = 2 * rt + h;
                 if constexpr (Lut<BITS>::kKeyWeights == 2) {
                     a[2 * q + h] = lut_word(key_address<BITS>(w, BITS * stream_index(b, j, t), lut, copy_bytes));
                 } else {

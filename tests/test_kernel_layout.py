@@ -34,8 +34,9 @@ def test_round_trip_in_several_chunks(monkeypatch):
 
 @pytest.mark.parametrize("bits", kf.SUPPORTED_BITS)
 def test_lane_map(bits):
-    """Weight (row, col) is index 32 b + 8 j + t of lane 4 G + c's bit stream in tile (row // 32, col // 128), with
-    row % 32 = 8 j + G and col % 128 = 32 b + 8 c + t; its block's absmax code is byte j of entry 4 G + b."""
+    """Weight (row, col) is index 32 b + 16 (j // 2) + 8 (t // 4) + 4 (t // 2 % 2) + 2 (j % 2) + t % 2 of lane
+    4 G + c's bit stream in tile (row // 32, col // 128), with row % 32 = 8 j + G and col % 128 = 32 b + 8 c + t;
+    its block's absmax code is byte j of entry 4 G + b."""
     n, k = 64, 288  # K padded to 384: the last tile is part padding
     t = kf.quantize(_weight((n, k), 10 + bits), bits)
     qweight_tiled, absmax_tiled = kf.to_kernel_layout(t)
@@ -54,7 +55,7 @@ def test_lane_map(bits):
                     for tt in range(8):
                         col = 128 * g + 32 * b + 8 * c + tt
                         expected = int(indices[row, col]) if col < k else 0
-                        i = 32 * b + 8 * j + tt
+                        i = 32 * b + 16 * (j // 2) + 8 * (tt // 4) + 4 * (tt // 2 % 2) + 2 * (j % 2) + tt % 2
                         assert (stream >> (bits * i)) & ((1 << bits) - 1) == expected
 
 

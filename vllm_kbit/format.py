@@ -219,10 +219,14 @@ def packed_bytes(n: int, k: int, bits: int) -> int:
 # from lane c (a permutation of the inputs within the block, applied to the activations too).
 #
 # * qweight_tiled int32 [..., N/32, G, bits, 32, 4] with G = ceil(K/128): lane l's 128 codebook indices in the
-#   order (b, j, t), as a little-endian bit stream (weight number i = 32 b + 8 j + t at stream bits
-#   [bits*i, bits*i + bits)); stream word w is stored at [..., v = w // 4, l, w % 4], so vector v of all 32 lanes
-#   is 512 contiguous bytes (one coalesced 16-byte load per lane). The indices of weights t, t + 1 (for k=2:
-#   t..t + 3) are one contiguous field, which the kernel uses whole as a lookup-table key.
+#   order of the operand fragments: with j = 2 rh + h (row half rh, row h in it) and t = 4 s + 2 q + e (step s,
+#   register pair q, element e), weight number i = 32 b + 16 rh + 8 s + 4 q + 2 h + e sits at stream bits
+#   [bits*i, bits*i + bits) of a little-endian bit stream; stream word w is stored at [..., v = w // 4, l, w % 4],
+#   so vector v of all 32 lanes is 512 contiguous bytes (one coalesced 16-byte load per lane). The indices of
+#   weights t, t + 1 of a row (e = 0, 1) are one contiguous field, which the kernel uses whole as a lookup-table
+#   key; for k=2 the key is rows j, j + 1 x inputs t, t + 1 (h, e = 0, 1), whose four values are the two A
+#   registers that the MMA takes side by side (rows 2 rh and 2 rh + 1 of inputs t, t + 1), so one 8-byte table
+#   read fills both.
 # * absmax_tiled uint8 [..., N/32, G, 32, 4]: entry [..., 4 G + b, j] is the E4M4 code of row G + 8 j, block b,
 #   so lane l reads the codes of its 4 rows x 4 blocks with one 16-byte load.
 #
@@ -232,9 +236,11 @@ KERNEL_TILE_ROWS = 32
 KERNEL_TILE_K = 128
 KERNEL_TILE_BLOCKS = KERNEL_TILE_K // BLOCK_SIZE
 KERNEL_LANES = 32
-# A row index r in a tile is (j, G) = divmod(r, 8), an input i is (b, c, t) = (i // 32, i // 8 % 4, i % 8).
+# A row index r in a tile is (j, G) = divmod(r, 8), an input i is (b, c, t) = (i // 32, i // 8 % 4, i % 8); the
+# stream splits j into (rh, h) and t into (s, q, e), two values each.
 _ROW_J, _ROW_G = 4, 8
-_IN_C, _IN_T = 4, 8
+_IN_C = 4
+_HALF = 2
 
 
 def kernel_k_groups(in_features: int) -> int:
@@ -269,9 +275,9 @@ def to_kernel_layout(t: KbitTensor) -> tuple[torch.Tensor, torch.Tensor]:
     for r0 in range(0, rows, step):
         idx = unpack_bitplanes(qweight[r0:r0 + step], bits).to(torch.int64)
         idx = torch.nn.functional.pad(idx, (0, groups * KERNEL_TILE_K - idx.shape[-1]))
-        # [rowtile, j, G, group, b, c, t] -> [rowtile, group, lane = (G, c), stream = (b, j, t)]
-        idx = (idx.view(-1, _ROW_J, _ROW_G, groups, KERNEL_TILE_BLOCKS, _IN_C, _IN_T).permute(0, 3, 2, 5, 4, 1, 6)
-               .reshape(-1, groups, KERNEL_LANES, KERNEL_TILE_K, 1))
+        # [rowtile, (rh, h), G, group, b, c, (s, q, e)] -> [rowtile, group, lane = (G, c), stream = (b, rh, s, q, h, e)]
+        idx = (idx.view(-1, _HALF, _HALF, _ROW_G, groups, KERNEL_TILE_BLOCKS, _IN_C, _HALF, _HALF, _HALF)
+               .permute(0, 4, 3, 6, 5, 1, 7, 8, 2, 9).reshape(-1, groups, KERNEL_LANES, KERNEL_TILE_K, 1))
         stream = ((idx >> stream_bits) & 1).view(-1, groups, KERNEL_LANES, 4 * bits, 32)
         words = (stream << word_bits).sum(-1)  # [rowtiles, G, lanes, 4*bits] in [0, 2^32)
         tiled[r0 // KERNEL_TILE_ROWS:(r0 + step) // KERNEL_TILE_ROWS] = (
@@ -304,8 +310,9 @@ def from_kernel_layout(qweight_tiled: torch.Tensor, absmax_tiled: torch.Tensor, 
     for t0 in range(0, words.shape[0], step):
         chunk = words[t0:t0 + step].to(torch.int64) & 0xFFFFFFFF
         stream = ((chunk.unsqueeze(-1) >> word_bits) & 1).view(-1, groups, KERNEL_LANES, KERNEL_TILE_K, bits)
-        idx = (stream << stream_bits).sum(-1)  # [rowtiles, G, lane = (G, c), (b, j, t)]
-        idx = (idx.view(-1, groups, _ROW_G, _IN_C, KERNEL_TILE_BLOCKS, _ROW_J, _IN_T).permute(0, 5, 2, 1, 4, 3, 6)
+        idx = (stream << stream_bits).sum(-1)  # [rowtiles, G, lane = (G, c), (b, rh, s, q, h, e)]
+        idx = (idx.view(-1, groups, _ROW_G, _IN_C, KERNEL_TILE_BLOCKS, _HALF, _HALF, _HALF, _HALF, _HALF)
+               .permute(0, 5, 8, 2, 1, 4, 3, 6, 7, 9)
                .reshape(-1, KERNEL_TILE_ROWS, groups * KERNEL_TILE_K)[..., :in_features])
         qweight[t0:t0 + step] = pack_bitplanes(idx.reshape(-1, KERNEL_TILE_ROWS, nblocks, BLOCK_SIZE), bits)
     absmax = (absmax_tiled.reshape(-1, groups, _ROW_G, KERNEL_TILE_BLOCKS, _ROW_J).permute(0, 4, 2, 1, 3)
