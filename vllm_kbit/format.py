@@ -224,9 +224,8 @@ def packed_bytes(n: int, k: int, bits: int) -> int:
 #   [bits*i, bits*i + bits) of a little-endian bit stream; stream word w is stored at [..., v = w // 4, l, w % 4],
 #   so vector v of all 32 lanes is 512 contiguous bytes (one coalesced 16-byte load per lane). The indices of
 #   weights t, t + 1 of a row (e = 0, 1) are one contiguous field, which the kernel uses whole as a lookup-table
-#   key; for k=2 the key is rows j, j + 1 x inputs t, t + 1 (h, e = 0, 1), whose four values are the two A
-#   registers that the MMA takes side by side (rows 2 rh and 2 rh + 1 of inputs t, t + 1), so one 8-byte table
-#   read fills both.
+#   key; for k=2 the key is rows 2 rh, 2 rh + 1 x inputs t, t + 1 (h, e = 0, 1), whose four values are the two A
+#   registers that the MMA takes side by side, so one 8-byte table read fills both.
 # * absmax_tiled uint8 [..., N/32, G, 32, 4]: entry [..., 4 G + b, j] is the E4M4 code of row G + 8 j, block b,
 #   so lane l reads the codes of its 4 rows x 4 blocks with one 16-byte load.
 #
