@@ -240,6 +240,10 @@ KERNEL_LANES = 32
 _ROW_J, _ROW_G = 4, 8
 _IN_C = 4
 _HALF = 2
+# A weight's indices viewed as [rowtile, rh, h, G, group, b, c, s, q, e], permuted into the lanes' streams
+# [rowtile, group, G, c, b, rh, s, q, h, e] (kbit_format.cuh stream_index); from_kernel_layout applies the inverse.
+_TO_STREAM = (0, 4, 3, 6, 5, 1, 7, 8, 2, 9)
+_FROM_STREAM = tuple(_TO_STREAM.index(axis) for axis in range(len(_TO_STREAM)))
 
 
 def kernel_k_groups(in_features: int) -> int:
@@ -274,9 +278,9 @@ def to_kernel_layout(t: KbitTensor) -> tuple[torch.Tensor, torch.Tensor]:
     for r0 in range(0, rows, step):
         idx = unpack_bitplanes(qweight[r0:r0 + step], bits).to(torch.int64)
         idx = torch.nn.functional.pad(idx, (0, groups * KERNEL_TILE_K - idx.shape[-1]))
-        # [rowtile, (rh, h), G, group, b, c, (s, q, e)] -> [rowtile, group, lane = (G, c), stream = (b, rh, s, q, h, e)]
+        # -> [rowtile, group, lane = (G, c), stream]
         idx = (idx.view(-1, _HALF, _HALF, _ROW_G, groups, KERNEL_TILE_BLOCKS, _IN_C, _HALF, _HALF, _HALF)
-               .permute(0, 4, 3, 6, 5, 1, 7, 8, 2, 9).reshape(-1, groups, KERNEL_LANES, KERNEL_TILE_K, 1))
+               .permute(_TO_STREAM).reshape(-1, groups, KERNEL_LANES, KERNEL_TILE_K, 1))
         stream = ((idx >> stream_bits) & 1).view(-1, groups, KERNEL_LANES, 4 * bits, 32)
         words = (stream << word_bits).sum(-1)  # [rowtiles, G, lanes, 4*bits] in [0, 2^32)
         tiled[r0 // KERNEL_TILE_ROWS:(r0 + step) // KERNEL_TILE_ROWS] = (
@@ -309,9 +313,9 @@ def from_kernel_layout(qweight_tiled: torch.Tensor, absmax_tiled: torch.Tensor, 
     for t0 in range(0, words.shape[0], step):
         chunk = words[t0:t0 + step].to(torch.int64) & 0xFFFFFFFF
         stream = ((chunk.unsqueeze(-1) >> word_bits) & 1).view(-1, groups, KERNEL_LANES, KERNEL_TILE_K, bits)
-        idx = (stream << stream_bits).sum(-1)  # [rowtiles, G, lane = (G, c), (b, rh, s, q, h, e)]
+        idx = (stream << stream_bits).sum(-1)  # [rowtiles, G, lane = (G, c), stream]
         idx = (idx.view(-1, groups, _ROW_G, _IN_C, KERNEL_TILE_BLOCKS, _HALF, _HALF, _HALF, _HALF, _HALF)
-               .permute(0, 5, 8, 2, 1, 4, 3, 6, 7, 9)
+               .permute(_FROM_STREAM)
                .reshape(-1, KERNEL_TILE_ROWS, groups * KERNEL_TILE_K)[..., :in_features])
         qweight[t0:t0 + step] = pack_bitplanes(idx.reshape(-1, KERNEL_TILE_ROWS, nblocks, BLOCK_SIZE), bits)
     absmax = (absmax_tiled.reshape(-1, groups, _ROW_G, KERNEL_TILE_BLOCKS, _ROW_J).permute(0, 4, 2, 1, 3)
